@@ -1,0 +1,35 @@
+# The README's two commands: `make demo` (set-up + the offline demo) and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TASK ?= tasks/fashion_mnist.yaml
+PYTEST_ARGS ?=
+
+.PHONY: setup data demo test bench clean-cache
+
+$(BIN)/kt: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch/torchvision: the registry's matched pair (a CUDA build that also runs on CPU)
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+setup: $(BIN)/kt data
+
+# Debian/Ubuntu with root: Debian's package; elsewhere the loader can use torchvision's download
+# (set data.download=true) or data.root.
+data:
+	@if [ -d /usr/share/datasets/fashion-mnist ]; then echo "Fashion-MNIST: /usr/share/datasets/fashion-mnist"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y -q dataset-fashion-mnist >/dev/null || (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist); \
+	else echo "no root/apt-get: run with --set data.download=true (torchvision download) or --set data.root=DIR"; fi
+
+demo: setup
+	$(BIN)/kt pretrain-teacher $(TASK)
+	$(BIN)/kt run $(TASK)
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python benchmarks/teacher_inference.py

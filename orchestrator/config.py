@@ -1,0 +1,271 @@
+"""Validated configs (pydantic, ``extra="forbid"``), YAML loading and ``--set key=value`` overrides.
+
+Every entry point (CLI, ``orchestrator.run``) goes through :func:`load_config` / :func:`resolve_config`, so a
+bad key or value fails before any heavy work starts, with a message that names the key and the fix.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file, key or value that cannot be used; the message names it and how to fix it."""
+
+
+class Strict(BaseModel):
+    """Base for all configs: unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class DatasetConfig(Strict):
+    """Where a task's (or pool's) images come from.
+
+    ``format``: ``fashion_mnist_idx`` (IDX files: ``root``, Debian's dataset-fashion-mnist, or torchvision's
+    download when ``download``), ``image_folder`` (``root/train/<class>/*`` and ``root/test/<class>/*``) or
+    ``torchvision`` (``name`` is a torchvision.datasets class, e.g. ``MNIST``).
+    """
+
+    format: Literal["fashion_mnist_idx", "image_folder", "torchvision"] = "fashion_mnist_idx"
+    root: str | None = None
+    name: str | None = None
+    image_size: int | None = Field(None, gt=0, description="image_folder: resize to (S, S) pixels")
+    channels: Literal[1, 3] = 3
+    download: bool = False
+    limit_train: int | None = Field(None, gt=0, description="keep a stratified subset of N train images")
+    limit_test: int | None = Field(None, gt=0, description="keep a stratified subset of N test images")
+
+    @model_validator(mode="after")
+    def _needs(self):
+        if self.format == "image_folder" and not self.root:
+            raise ValueError("data.format=image_folder needs data.root (a folder with train/ and test/)")
+        if self.format == "torchvision" and not self.name:
+            raise ValueError("data.format=torchvision needs data.name (e.g. MNIST, CIFAR10)")
+        return self
+
+
+class LabelsConfig(Strict):
+    """The labeled subset: a stratified, seeded ``label_fraction`` of the train split, or ``per_class``."""
+
+    label_fraction: float | None = Field(0.01, description="fraction in (0, 1]")
+    per_class: int | None = Field(None, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one(self):
+        if self.per_class is not None:
+            self.label_fraction = None
+        elif self.label_fraction is None:
+            raise ValueError("set labels.label_fraction (0 < f <= 1) or labels.per_class (N > 0)")
+        elif not 0.0 < self.label_fraction <= 1.0:
+            raise ValueError(
+                f"labels.label_fraction={self.label_fraction} is out of range; use a value in (0, 1], "
+                "e.g. 0.01 for 1% labels"
+            )
+        return self
+
+
+class StandinConfig(Strict):
+    """How ``kt pretrain-teacher`` builds the local stand-in for a VFM: SimCLR (Chen et al. 2020) with
+    lightly's NT-Xent loss on the task's *unlabeled* images only, no target labels."""
+
+    arch: str = "timm/resnet18"
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    input_size: int = Field(32, gt=0)
+    channels: Literal[1, 3] = 3
+    epochs: int = Field(6, gt=0)
+    batch_size: int = Field(256, gt=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = 1e-4
+    temperature: float = Field(0.2, gt=0)
+    proj_dim: int = Field(128, gt=0)
+    max_images: int | None = Field(None, gt=0)
+    seed: int = 0
+
+
+class TrainConfig(Strict):
+    """A supervised training stage (student finetune, supervised-only baseline)."""
+
+    epochs: int = Field(30, ge=0)
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = 5e-4
+    augment: bool = True
+
+
+class TeacherConfig(Strict):
+    """The teacher (a VFM id or the stand-in) and how it is adapted to the task: ``linear_probe`` trains a
+    linear head on frozen features; ``finetune`` then also trains the backbone with ``finetune`` settings."""
+
+    id: str = "standin/simclr"
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    adapt: Literal["linear_probe", "finetune"] = "linear_probe"
+    probe_epochs: int = Field(300, gt=0, description="full-batch optimizer steps of the linear probe")
+    probe_lr: float = Field(1e-2, gt=0)
+    probe_weight_decay: float = 1e-4
+    finetune: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=10, lr=1e-4))
+    inference_batch_size: int = Field(512, gt=0)
+    inference_actors: int = Field(2, gt=0, description="Ray Data actors, each holding the teacher once")
+
+
+class TransferSetConfig(Strict):
+    """The unlabeled images the teacher labels for distillation (a transfer-set source plug-in)."""
+
+    source: str = "target_unlabeled"
+    max_images: int | None = Field(None, gt=0, description="seeded random subset of at most N images")
+    pool: DatasetConfig | None = None
+    seed: int = 0
+
+
+class StudentConfig(Strict):
+    """The small student: a ``timm/<arch>`` id built at the task's native resolution and channels."""
+
+    id: str = "timm/resnet10t"
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class DistillConfig(Strict):
+    """Student distillation on the transfer set (Hinton et al. 2015 KD; Vemulapalli et al. 2024 stage 2)."""
+
+    temperature: float = Field(4.0, gt=0)
+    kd_weight: float = Field(1.0, ge=0)
+    ce_weight: float = Field(0.0, ge=0, description="cross-entropy on the labeled subset, mixed in each step")
+    epochs: int = Field(10, gt=0)
+    batch_size: int = Field(256, gt=0)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = 5e-4
+    augment: bool = True
+    num_workers: int = Field(2, gt=0, description="Ray Train workers")
+    use_gpu: bool = False
+
+
+class BaselineConfig(TrainConfig):
+    """The supervised-only student trained on the labeled subset alone, in the same run."""
+
+    enabled: bool = True
+
+
+class TrackingConfig(Strict):
+    """MLflow: ``tracking_uri`` defaults to a sqlite file under ``storage``."""
+
+    tracking_uri: str | None = None
+    experiment: str = "knowledge-transfer"
+
+
+class PipelineConfig(Strict):
+    """One `kt run`: task, teacher, transfer set, student and every stage's settings."""
+
+    name: str = "run"
+    seed: int = 0
+    storage: str = "kt_runs"
+    data: DatasetConfig = Field(default_factory=DatasetConfig)
+    labels: LabelsConfig = Field(default_factory=LabelsConfig)
+    standin: StandinConfig = Field(default_factory=StandinConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    transfer_set: TransferSetConfig = Field(default_factory=TransferSetConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    finetune: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=10, lr=1e-3))
+    baseline: BaselineConfig = Field(default_factory=BaselineConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    smoke: dict[str, Any] = Field(default_factory=dict, description="dotted overrides applied by --smoke")
+
+    def storage_path(self) -> Path:
+        """The storage root as an absolute path."""
+        return Path(self.storage).expanduser().resolve()
+
+
+def config_hash(obj: Any) -> str:
+    """Stable 16-hex-digit SHA-256 of a config (pydantic model, dict or JSON-able value)."""
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    """Set ``tree['a']['b'] = value`` for ``key='a.b'``, creating dicts on the way."""
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"cannot set {key!r}: {p!r} is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """Parse ``key=value`` strings; values are YAML scalars (``3``, ``0.1``, ``true``, ``timm/x``)."""
+    out = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not key=value (e.g. --set distill.epochs=5)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.strip(), value))
+    return out
+
+
+def _explain(err: ValidationError, source: str) -> ConfigError:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown config key {loc!r}: remove it or fix its spelling")
+        else:
+            lines.append(f"{loc or '(top level)'}: {e['msg']} (got {e.get('input')!r})")
+    return ConfigError(f"invalid config {source}:\n  " + "\n  ".join(lines))
+
+
+def resolve_config(
+    raw: dict | PipelineConfig, overrides: list[str] | None = None, smoke: bool = False, source: str = ""
+) -> PipelineConfig:
+    """Apply the ``smoke`` profile (if ``smoke``) then ``overrides`` to ``raw`` and validate.
+
+    Raises:
+        ConfigError: unknown key, bad value, malformed override.
+    """
+    tree = raw.model_dump(mode="json") if isinstance(raw, PipelineConfig) else copy.deepcopy(raw or {})
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config {source} must be a YAML mapping of sections, got {type(tree).__name__}")
+    if smoke:
+        for k, v in (tree.get("smoke") or {}).items():
+            set_dotted(tree, k, v)
+    for k, v in parse_overrides(overrides or []):
+        set_dotted(tree, k, v)
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as e:
+        raise _explain(e, source) from None
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping. Raises ConfigError for a missing or malformed file (with the line)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist; pass a task YAML such as tasks/fashion_mnist.yaml")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"malformed YAML in {p}{where}: {getattr(e, 'problem', e)}") from None
+    return data or {}
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, smoke: bool = False) -> PipelineConfig:
+    """Load ``path`` (a task YAML), apply smoke profile and ``--set`` overrides, validate."""
+    return resolve_config(load_yaml(path), overrides, smoke, source=str(path))

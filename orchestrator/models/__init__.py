@@ -1,0 +1,6 @@
+"""Teachers (open_clip, timm, checkpoint backends) and students; each carries its own preprocessing."""
+from orchestrator.models.preprocess import Preprocess
+from orchestrator.models.teachers import Teacher, load_teacher, save_model_checkpoint
+from orchestrator.models.students import create_student
+
+__all__ = ["Preprocess", "Teacher", "load_teacher", "save_model_checkpoint", "create_student"]

@@ -1,0 +1,313 @@
+"""One `kt run`: compose the stages of task-oriented knowledge transfer (Vemulapalli et al., ICML 2024):
+adapt teacher -> transfer set -> teacher inference (Ray Data) -> distill (Ray Train) -> finetune -> evaluate,
+plus the supervised-only student as a same-run baseline. Every stage output is keyed by its config hash."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from orchestrator.cache import Cache
+from orchestrator.config import PipelineConfig, config_hash
+from orchestrator.data import TaskData, load_task_data, make_split
+from orchestrator.data.splits import Split
+from orchestrator.stages.compute import Meter, StageCompute, forward_flops, train_flops
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    """What a run returns. ``table``: rows (model, role, top-1, forward FLOPs/image, params);
+    ``metrics``: every logged metric of the parent run; ``stages``: per-stage compute and cache hits."""
+
+    run_id: str
+    tracking_uri: str
+    run_dir: Path
+    table: list[dict]
+    metrics: dict[str, float]
+    stages: dict[str, dict] = field(default_factory=dict)
+
+
+@dataclass
+class Ctx:
+    cfg: PipelineConfig
+    cache: Cache
+    tracker: object
+    run_dir: Path
+    device: str
+    task: TaskData | None = None
+    split: Split | None = None
+    stages: dict[str, dict] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    table: list[dict] = field(default_factory=list)
+    teacher_flops: int = 0  # adapted teacher's forward FLOPs per image
+
+    def record(self, stage: str, compute: StageCompute, cache_hit: bool | None = None, **extra) -> None:
+        info = {**compute.metrics(""), **({} if cache_hit is None else {"cache_hit": float(cache_hit)}), **extra}
+        self.stages[stage] = info
+        with self.tracker.run(stage, nested=True):
+            self.tracker.metrics({k: v for k, v in info.items() if isinstance(v, (int, float))})
+        self.metrics.update({f"{stage}.{k}": v for k, v in info.items() if isinstance(v, (int, float))})
+
+
+def _params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def stage_data(ctx: Ctx) -> None:
+    cfg = ctx.cfg
+    with Meter() as m:
+        ctx.task = load_task_data(cfg.data, cfg.seed)
+        ctx.split = make_split(ctx.task.train.labels, cfg.labels.label_fraction, cfg.labels.per_class,
+                               cfg.labels.seed)
+    split_file = ctx.split.save(ctx.run_dir / "split.json")
+    ctx.tracker.artifact(split_file)
+    log.info("task: %d train (%d labeled, %d unlabeled), %d test, %d classes", len(ctx.task.train),
+             len(ctx.split.labeled), len(ctx.split.unlabeled), len(ctx.task.test), ctx.task.num_classes)
+    ctx.record("data", m.result, labeled=len(ctx.split.labeled), unlabeled=len(ctx.split.unlabeled))
+
+
+def stage_teacher(ctx: Ctx) -> tuple[str, str]:
+    """Resolve the teacher id to a loadable id; builds the stand-in if needed. Returns (id, key)."""
+    from orchestrator.ids import parse_model_id
+    from orchestrator.standin import ensure_standin
+
+    mid = parse_model_id(ctx.cfg.teacher.id)
+    if mid.namespace != "standin":
+        return ctx.cfg.teacher.id, config_hash({"id": ctx.cfg.teacher.id, "kw": ctx.cfg.teacher.model_kwargs})
+    with Meter() as m:
+        info = ensure_standin(ctx.cfg, ctx.task, ctx.split, ctx.cache, ctx.device)
+    ctx.tracker.tags({"standin": info.meta["provenance"]})
+    ctx.record("standin", m.result, info.cache_hit, linear_probe_top1=info.meta["linear_probe_top1"],
+               build_seconds=info.meta["build_seconds"])
+    return f"checkpoint/{info.checkpoint}", info.checkpoint.parent.name
+
+
+def stage_adapt(ctx: Ctx, teacher_id: str, teacher_key: str) -> tuple[Path, str]:
+    """Adapt the teacher on the labeled subset (cached). Returns (adapted checkpoint, key)."""
+    from orchestrator.models.teachers import load_model_checkpoint, load_teacher, save_model_checkpoint
+    from orchestrator.stages.adapt_teacher import adapt_teacher
+    from orchestrator.stages.evaluate import evaluate, plot_confusion
+
+    cfg, task = ctx.cfg, ctx.task
+    key = config_hash({"teacher": teacher_key, "split": ctx.split.key(), "data": task.train.content_hash(),
+                       "adapt": cfg.teacher.model_dump(mode="json", exclude={"inference_batch_size",
+                                                                            "inference_actors"})})
+    labeled = task.train.subset(ctx.split.labeled)
+    hit = ctx.cache.lookup("adapted_teacher", key)
+    with Meter() as m:
+        if hit is None:
+            teacher = load_teacher(teacher_id, cfg.teacher.model_kwargs)
+            adapt_teacher(teacher, labeled, task.num_classes, cfg.teacher, cfg.seed, ctx.device)
+            with ctx.cache.write("adapted_teacher", key, {"teacher": teacher_id}) as tmp:
+                save_model_checkpoint(teacher, tmp / "teacher.pt", task.classes)
+        ckpt = ctx.cache.path("adapted_teacher", key) / "teacher.pt"
+        teacher = load_model_checkpoint(ckpt)
+        m.result.images = len(labeled) * (1 if cfg.teacher.adapt == "linear_probe" else cfg.teacher.finetune.epochs)
+    shape = (teacher.preprocess.channels, *teacher.preprocess.size)
+    fwd = forward_flops(teacher, shape)
+    m.result.flops = fwd * m.result.images * (1 if cfg.teacher.adapt == "linear_probe" else 3)
+    with Meter() as me:
+        res = evaluate(teacher, teacher.preprocess, task.test, task.num_classes, task.classes, device=ctx.device)
+    ctx.tracker.artifact(plot_confusion(res, ctx.run_dir / "confusion_teacher.png", f"adapted teacher {res.top1:.4f}"))
+    ctx.record("adapt_teacher", m.result, hit is not None, top1=res.top1, forward_flops_per_image=fwd,
+               params=_params(teacher), eval_seconds=me.result.wall_seconds)
+    ctx.table.append({"model": teacher_id, "role": f"teacher ({cfg.teacher.adapt})", "top1": res.top1,
+                      "flops": fwd, "params": _params(teacher)})
+    ctx.teacher_flops = fwd
+    return ckpt, key
+
+
+def stage_transfer_outputs(ctx: Ctx, adapted: Path, adapted_key: str) -> Path:
+    """Build the transfer set and the teacher's logits on it (cached; Ray Data). Returns the entry dir."""
+    from orchestrator.ray_adapters.data import teacher_inference
+    from orchestrator.stages.transfer_sets import TransferContext, build_transfer_set
+
+    cfg = ctx.cfg
+    with Meter() as mt:
+        ts = build_transfer_set(TransferContext(ctx.task, ctx.split), cfg.transfer_set)
+    ctx.record("transfer_set", mt.result, size=len(ts))
+    ctx.tracker.tags({"transfer_set.source": ts.source, "transfer_set.key": ts.key})
+    log.info("transfer set: %s (key %s)", ts.description, ts.key)
+    key = config_hash({"teacher": adapted_key, "transfer_set": ts.key})
+    hit = ctx.cache.lookup("teacher_outputs", key)
+    with Meter(devices=cfg.teacher.inference_actors) as m:
+        if hit is None:
+            log.info("teacher inference over %d images (%d Ray Data actors)", len(ts), cfg.teacher.inference_actors)
+            with ctx.cache.write("teacher_outputs", key, {"transfer_set": ts.description}) as tmp:
+                logits = teacher_inference(str(adapted), ts.images, tmp / "shards", cfg.teacher.inference_batch_size,
+                                           cfg.teacher.inference_actors, 1.0 if ctx.device == "cuda" else 0.0)
+                np.save(tmp / "logits.npy", logits)
+                np.save(tmp / "images.npy", ts.images)
+            m.result.images = len(ts)
+            m.result.flops = ctx.teacher_flops * len(ts)
+        else:
+            log.info("teacher outputs cache hit (%s): teacher inference skipped", key)
+    ctx.record("teacher_inference", m.result, hit is not None, teacher_forward_passes=m.result.images)
+    return ctx.cache.path("teacher_outputs", key)
+
+
+def stage_distill(ctx: Ctx, outputs: Path):
+    """Distill on the transfer set with Ray Train. Returns the student (nn.Module) and its preprocess."""
+    import torch
+
+    from orchestrator.models.preprocess import Preprocess
+    from orchestrator.models.students import create_student
+    from orchestrator.ray_adapters.train import distill_ray
+    from orchestrator.stages.distill import steps_per_epoch
+
+    cfg, task = ctx.cfg, ctx.task
+    mean, std = task.pixel_stats()
+    h, w, c = task.train.images.shape[1:]
+    pre = Preprocess(c, (h, w), tuple(mean), tuple(std))
+    labeled = task.train.subset(ctx.split.labeled)
+    data_dir = ctx.run_dir / "distill_data"
+    data_dir.mkdir(exist_ok=True)
+    for f in ("images.npy", "logits.npy"):
+        (data_dir / f).unlink(missing_ok=True)
+        (data_dir / f).symlink_to(outputs / f)
+    np.savez(data_dir / "labeled.npz", images=labeled.images, labels=labeled.labels)
+    key = config_hash({"outputs": outputs.name, "student": cfg.student.model_dump(mode="json"),
+                       "distill": cfg.distill.model_dump(mode="json"), "seed": cfg.seed, "split": ctx.split.key()})
+    n = len(np.load(outputs / "logits.npy", mmap_mode="r"))
+    world = cfg.distill.num_workers
+    with Meter(devices=world) as m:
+        state, tlog = distill_ray(
+            data_dir, cfg.student.id, cfg.student.model_kwargs, task.num_classes, pre.to_dict(),
+            cfg.distill.model_dump(mode="json"), cfg.seed, ctx.cfg.storage_path() / "ray_results",
+            f"distill-{key}", world, cfg.distill.use_gpu)
+    student = create_student(cfg.student.id, task.num_classes, pre, cfg.student.model_kwargs)
+    student.load_state_dict(state)
+    shape = (c, h, w)
+    per_img = train_flops(student, shape)
+    epochs = len(tlog["loss"])  # all epochs of this training run, including those before a resume
+    per_step = cfg.distill.batch_size + (min(cfg.distill.batch_size, len(labeled)) if cfg.distill.ce_weight else 0)
+    m.result.images = steps_per_epoch(n, cfg.distill, world) * world * per_step * epochs
+    m.result.flops = per_img * m.result.images
+    m.result.device_seconds = sum(tlog["seconds"]) * world
+    for e, loss in enumerate(tlog["loss"]):
+        ctx.tracker.metrics({"distill_loss": loss}, step=e)
+    ctx.record("distill", m.result, None, epochs=epochs, resumed_at_epoch=max(tlog["starts"]),
+               restarts=len(tlog["starts"]) - 1, final_loss=tlog["loss"][-1], train_flops_per_image=per_img)
+    return student.to(ctx.device), pre
+
+
+def stage_supervised(ctx: Ctx, name: str, student, pre, train_cfg):
+    """Train ``student`` on the labeled subset (finetune or baseline); returns it."""
+    from orchestrator.stages.loop import train_supervised
+
+    labeled = ctx.task.train.subset(ctx.split.labeled)
+    with Meter() as m:
+        hist = train_supervised(student, pre, labeled, train_cfg, ctx.cfg.seed, ctx.device)
+    m.result.images = len(labeled) * train_cfg.epochs
+    m.result.flops = train_flops(student, (pre.channels, *pre.size)) * m.result.images
+    for e, loss in enumerate(hist):
+        ctx.tracker.metrics({f"{name}_loss": loss}, step=e)
+    ctx.record(name, m.result, None, final_loss=hist[-1] if hist else float("nan"))
+    return student
+
+
+def stage_evaluate(ctx: Ctx, name: str, role: str, student, pre) -> float:
+    from orchestrator.stages.evaluate import evaluate, plot_confusion
+
+    task = ctx.task
+    with Meter() as m:
+        res = evaluate(student, pre, task.test, task.num_classes, task.classes, device=ctx.device)
+    m.result.images = len(task.test)
+    fwd = forward_flops(student, (pre.channels, *pre.size))
+    m.result.flops = fwd * len(task.test)
+    ctx.tracker.artifact(plot_confusion(res, ctx.run_dir / f"confusion_{name}.png", f"{role} {res.top1:.4f}"))
+    ctx.tracker.metrics(res.metrics(f"{name}."))
+    ctx.record(f"evaluate_{name}", m.result, None, top1=res.top1)
+    ctx.table.append({"model": ctx.cfg.student.id, "role": role, "top1": res.top1, "flops": fwd,
+                      "params": _params(student)})
+    return res.top1
+
+
+def run(config: PipelineConfig) -> RunResult:
+    """Run the whole pipeline for a validated config on local Ray (or ``$RAY_ADDRESS``), tracked in MLflow.
+
+    Raises ConfigError/DataError/ModelLoadError/UnknownNameError for bad input (before heavy work where
+    possible), ray.train.TrainingFailedError if distillation fails after retries.
+    """
+    import torch
+
+    from orchestrator.models.students import create_student, export_student
+    from orchestrator.tracking import Tracker, default_tracking_uri
+
+    cfg = config
+    storage = cfg.storage_path()
+    storage.mkdir(parents=True, exist_ok=True)
+    preflight(cfg)
+    uri = cfg.tracking.tracking_uri or default_tracking_uri(storage)
+    tracker = Tracker(uri, cfg.tracking.experiment, storage / "mlartifacts")
+    run_dir = storage / "runs" / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ctx = Ctx(cfg, Cache(storage), tracker, run_dir, "cuda" if torch.cuda.is_available() else "cpu")
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    t0 = time.perf_counter()
+    with tracker.run(cfg.name, tags={"teacher": cfg.teacher.id, "student": cfg.student.id,
+                                     "transfer_set.source": cfg.transfer_set.source}) as parent:
+        from orchestrator.tracking import flatten
+
+        tracker.params(flatten(cfg.model_dump(mode="json", exclude={"smoke"})))
+        tracker.artifact(run_dir / "config.yaml")
+        stage_data(ctx)
+        teacher_id, teacher_key = stage_teacher(ctx)
+        adapted, adapted_key = stage_adapt(ctx, teacher_id, teacher_key)
+        outputs = stage_transfer_outputs(ctx, adapted, adapted_key)
+        student, pre = stage_distill(ctx, outputs)
+        distilled_top1 = stage_evaluate(ctx, "distilled", "student (distilled)", student, pre)
+        student = stage_supervised(ctx, "finetune", student, pre, cfg.finetune)
+        student_top1 = stage_evaluate(ctx, "student", "student (distilled + finetuned)", student, pre)
+        for p in export_student(student, pre, run_dir / "student", ctx.task.classes):
+            tracker.artifact(p, "student")
+        if cfg.baseline.enabled:
+            torch.manual_seed(cfg.seed)
+            base = create_student(cfg.student.id, ctx.task.num_classes, pre, cfg.student.model_kwargs).to(ctx.device)
+            base = stage_supervised(ctx, "baseline", base, pre, cfg.baseline)
+            base_top1 = stage_evaluate(ctx, "baseline", "student (supervised-only)", base, pre)
+            ctx.metrics["gain_over_supervised"] = student_top1 - base_top1
+        transfer_keys = ["adapt_teacher", "teacher_inference", "distill", "finetune"]
+        ctx.metrics.update({
+            "student_top1": student_top1, "distilled_top1": distilled_top1,
+            "teacher_top1": ctx.stages["adapt_teacher"]["top1"],
+            "transfer_flops_total": sum(ctx.stages[k]["flops"] for k in transfer_keys),
+            "transfer_device_seconds_total": sum(ctx.stages[k]["device_seconds"] for k in transfer_keys),
+            "transfer_images_total": sum(ctx.stages[k]["images"] for k in transfer_keys),
+            "wall_seconds_total": time.perf_counter() - t0,
+            **{k: float(v) for k, v in ctx.cache.counters().items()},
+        })
+        tracker.metrics({k: v for k, v in ctx.metrics.items() if "." not in k})
+        (run_dir / "result.json").write_text(json.dumps({"table": ctx.table, "metrics": ctx.metrics}, indent=1))
+        tracker.artifact(run_dir / "result.json")
+        return RunResult(parent.info.run_id, uri, run_dir, ctx.table, ctx.metrics, ctx.stages)
+
+
+def preflight(cfg: PipelineConfig) -> None:
+    """Cheap checks before heavy work: model ids parse and exist, the transfer-set source exists, the
+    dataset is present. Raises the same errors the stages would, but early."""
+    from orchestrator.data.loaders import DATASETS
+    from orchestrator.ids import parse_model_id
+    from orchestrator.models.teachers import BACKENDS, ModelLoadError
+    from orchestrator.stages.transfer_sets import TRANSFER_SETS
+
+    tid = parse_model_id(cfg.teacher.id)
+    if tid.namespace not in ("standin", "checkpoint"):
+        BACKENDS.get(tid.namespace)
+    if tid.namespace == "checkpoint" and not Path(tid.name).expanduser().is_file():
+        raise ModelLoadError(f"teacher checkpoint {tid.name} does not exist; fix teacher.id")
+    sid = parse_model_id(cfg.student.id)
+    import timm
+
+    if sid.namespace != "timm" or not timm.is_model(sid.name):
+        raise ModelLoadError(f"unknown student {cfg.student.id!r}: use timm/<arch> with a timm architecture "
+                             "(e.g. timm/resnet10t, timm/mobilenetv3_small_100)")
+    TRANSFER_SETS.get(cfg.transfer_set.source)
+    DATASETS.get(cfg.data.format)

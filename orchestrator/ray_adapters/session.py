@@ -1,0 +1,31 @@
+"""Start or join Ray once per process, quietly and with bounded object-store memory."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Join ``$RAY_ADDRESS`` (a cluster, or inside a Ray Job) or start a local Ray.
+
+    Local Ray gets at most 2 GiB of object store (docker's small /dev/shm otherwise makes ``ray.init`` fail)
+    and no dashboard. Ray Data progress bars are shown only on a terminal.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # hides harmless C++ actor-restart notices
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, object_store_memory=2 * 1024**3, dashboard_host="127.0.0.1",
+                 logging_config=ray.LoggingConfig(log_level="WARNING"))
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = sys.stderr.isatty()
+    ctx.print_on_execution_start = False
+    log.info("ray resources: %s", ray.cluster_resources())

@@ -1,0 +1,108 @@
+"""Ray Train adapter: distributed student distillation with TorchTrainer (gloo on CPU, NCCL on GPU).
+
+Workers read the cached transfer images and teacher logits from shared storage (memory-mapped .npy), run
+``stages.distill.distill_epoch`` on their shard, and rank 0 checkpoints every epoch. Re-running with the same
+``name`` and ``storage_path`` resumes from the latest checkpoint (Ray Train V2 semantics).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _train_fn(config: dict) -> None:
+    import numpy as np
+    import ray.train
+    import torch
+    from ray.train import Checkpoint
+
+    from orchestrator.config import DistillConfig
+    from orchestrator.data.images import ImageSet
+    from orchestrator.models.preprocess import Preprocess
+    from orchestrator.models.students import create_student
+    from orchestrator.stages.distill import (DistillData, distill_epoch, load_state, make_optimizer, new_log,
+                                             save_state)
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["threads_per_worker"])
+    cfg = DistillConfig(**config["distill"])
+    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+    pre = Preprocess.from_dict(config["preprocess"])
+    d = Path(config["data_dir"])
+    lab = np.load(d / "labeled.npz")
+    data = DistillData(np.load(d / "images.npy", mmap_mode="r"), np.load(d / "logits.npy", mmap_mode="r"),
+                       ImageSet(lab["images"], lab["labels"]))
+    torch.manual_seed(config["seed"])
+    model = create_student(config["student"], config["num_classes"], pre, config["model_kwargs"]).to(device)
+    opt, sched = make_optimizer(model, cfg, len(data.images), world)
+    start, log = 0, new_log()
+    ck = ray.train.get_checkpoint()
+    if ck:
+        with ck.as_directory() as cd:
+            start, log = load_state(Path(cd) / "state.pt", model, opt, sched)
+        if rank == 0:
+            print(f"[kt] resumed distillation from its checkpoint at epoch {start}/{cfg.epochs}", flush=True)
+    log["starts"].append(start)
+    ddp = ray.train.torch.prepare_model(model) if world > 1 else model
+    fault = int(os.environ.get("KT_FAULT_AFTER_EPOCH", "-1"))  # fault injection for resume tests
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        loss = distill_epoch(ddp, opt, sched, data, pre, cfg, epoch, config["seed"], rank, world, device)
+        seconds = time.perf_counter() - t0
+        log["loss"].append(loss)
+        log["seconds"].append(seconds)
+        if rank == 0:
+            print(f"[kt] distill epoch {epoch + 1}/{cfg.epochs}: loss {loss:.4f} ({seconds:.0f} s)", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                save_state(Path(tmp) / "state.pt", model, opt, sched, epoch, log)
+                ckpt = Checkpoint.from_directory(tmp)
+            ray.train.report({"epoch": epoch, "loss": loss, "epoch_seconds": seconds}, checkpoint=ckpt)
+        if epoch == fault:
+            os._exit(1)
+
+
+def distill_ray(data_dir: Path, student: str, model_kwargs: dict, num_classes: int, preprocess: dict,
+                distill: dict, seed: int, storage_path: Path, name: str, num_workers: int, use_gpu: bool,
+                cpus_per_worker: float = 1.0):
+    """Distill with a TorchTrainer of ``num_workers`` workers.
+
+    Args:
+        data_dir: holds images.npy ((N, H, W, C) uint8), logits.npy ((N, K) float32), labeled.npz.
+        name, storage_path: the Ray Train run identity; the same pair resumes from its latest checkpoint.
+    Returns:
+        (state_dict of the student, training log: per-epoch "loss" and rank-0 "seconds", and "starts", the
+        epoch each (re)start began at: more than one entry means the run resumed from a checkpoint).
+    Raises:
+        ray.train.TrainingFailedError after the worker retries run out.
+    """
+    import torch
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from orchestrator.ray_adapters.session import ensure_ray
+
+    ensure_ray()
+    trainer = TorchTrainer(
+        _train_fn,
+        train_loop_config=dict(data_dir=str(data_dir), student=student, model_kwargs=model_kwargs,
+                               num_classes=num_classes, preprocess=preprocess, distill=distill, seed=seed,
+                               threads_per_worker=max(1, int(cpus_per_worker))),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(name=name, storage_path=str(storage_path),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=1)),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as cd:
+        state = torch.load(Path(cd) / "state.pt", map_location="cpu", weights_only=False)
+    return state["model"], state["log"]

@@ -1,0 +1,1 @@
+"""Pipeline stages: plain functions of typed configs and arrays, no Ray and no MLflow imports."""

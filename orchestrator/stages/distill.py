@@ -1,0 +1,127 @@
+"""Stage 2 of task-oriented transfer (Vemulapalli et al. 2024, Sec. 3): distill the adapted teacher into the
+student on the transfer set, matching temperature-scaled soft labels (plus optional labeled cross-entropy).
+
+The epoch function is shared by the in-process runner here and the Ray Train adapter (DDP workers).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from orchestrator.config import DistillConfig
+from orchestrator.data.images import ImageSet
+from orchestrator.models.preprocess import Preprocess
+from orchestrator.stages.loop import batch_indices, cosine_schedule, model_input
+from orchestrator.stages.losses import LOSSES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistillData:
+    """What a distillation worker reads.
+
+    Attributes:
+        images: (N, H, W, C) uint8 transfer-set images (may be a read-only memmap).
+        teacher_logits: (N, K) float32 cached adapted-teacher logits for the same images.
+        labeled: the labeled subset (used only when ``ce_weight > 0``).
+    """
+
+    images: np.ndarray
+    teacher_logits: np.ndarray
+    labeled: ImageSet | None = None
+
+
+def steps_per_epoch(n: int, cfg: DistillConfig, world: int = 1) -> int:
+    """Optimizer steps per epoch for N transfer images on ``world`` workers."""
+    return max(1, math.ceil(n / (cfg.batch_size * world)))
+
+
+def make_optimizer(model: nn.Module, cfg: DistillConfig, n: int, world: int = 1):
+    """AdamW and a warm-up + cosine schedule over all ``cfg.epochs``."""
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = cfg.epochs * steps_per_epoch(n, cfg, world)
+    return opt, cosine_schedule(opt, total, warmup=min(200, total // 20))
+
+
+def distill_epoch(model: nn.Module, opt, sched, data: DistillData, preprocess: Preprocess, cfg: DistillConfig,
+                  epoch: int, seed: int = 0, rank: int = 0, world: int = 1, device: str = "cpu") -> float:
+    """One epoch of rank ``rank``'s share of the transfer set. Returns the mean loss (float).
+
+    loss = kd_weight * kd_kl(student, teacher, T) + ce_weight * CE(student(labeled), labels).
+    """
+    model.train()
+    kd, ce = LOSSES.get("kd_kl"), LOSSES.get("ce")
+    t_logits = data.teacher_logits
+    lab_rng = np.random.default_rng([seed, epoch, rank, 7])
+    losses = []
+    for idx in batch_indices(len(data.images), cfg.batch_size, seed, epoch, rank, world):
+        x = model_input(data.images, idx, preprocess, cfg.augment, device)  # (B, C, H, W) float32
+        t = torch.from_numpy(np.array(t_logits[idx], dtype=np.float32)).to(device)  # (B, K) float32
+        loss = cfg.kd_weight * kd(model(x), t, cfg.temperature)
+        if cfg.ce_weight > 0 and data.labeled is not None:
+            li = lab_rng.choice(len(data.labeled), size=min(cfg.batch_size, len(data.labeled)), replace=False)
+            xl = model_input(data.labeled.images, li, preprocess, cfg.augment, device)
+            loss = loss + cfg.ce_weight * ce(model(xl), torch.from_numpy(data.labeled.labels[li]).to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return float(np.mean(losses))
+
+
+def save_state(path: Path, model: nn.Module, opt, sched, epoch: int, log: dict) -> None:
+    """Atomically write a resumable training state: model, optimizer, schedule, last finished ``epoch`` and
+    ``log`` (``{"loss": [per epoch], "seconds": [per epoch], "starts": [epoch each (re)start began at]}``)."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                "epoch": epoch, "log": log}, tmp)
+    tmp.replace(path)
+
+
+def load_state(path: Path, model: nn.Module, opt, sched) -> tuple[int, dict]:
+    """Restore a state written by :func:`save_state`; returns (next epoch, log)."""
+    st = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(st["model"])
+    opt.load_state_dict(st["opt"])
+    sched.load_state_dict(st["sched"])
+    return st["epoch"] + 1, st["log"]
+
+
+def new_log() -> dict:
+    """An empty training log (see :func:`save_state`)."""
+    return {"loss": [], "seconds": [], "starts": []}
+
+
+def distill_local(model: nn.Module, data: DistillData, preprocess: Preprocess, cfg: DistillConfig,
+                  ckpt_dir: str | Path, seed: int = 0, device: str = "cpu",
+                  on_epoch: Callable[[int, float], None] | None = None) -> dict:
+    """Distill in this process, checkpointing each epoch to ``ckpt_dir/state.pt``; a re-run after a kill
+    resumes from the last finished epoch. Returns the training log (loss and seconds of every epoch, resumed
+    ones included, and the epoch each start began at)."""
+    ckpt = Path(ckpt_dir) / "state.pt"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model.to(device)
+    opt, sched = make_optimizer(model, cfg, len(data.images))
+    start, log_ = load_state(ckpt, model, opt, sched) if ckpt.exists() else (0, new_log())
+    if start:
+        log.info("resuming distillation from epoch %d (%s)", start, ckpt)
+    log_["starts"].append(start)
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        log_["loss"].append(distill_epoch(model, opt, sched, data, preprocess, cfg, epoch, seed, device=device))
+        log_["seconds"].append(time.perf_counter() - t0)
+        save_state(ckpt, model, opt, sched, epoch, log_)
+        if on_epoch:
+            on_epoch(epoch, log_["loss"][-1])
+    return log_

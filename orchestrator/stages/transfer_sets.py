@@ -1,0 +1,108 @@
+"""Transfer-set sources (a plug-in kind): where the unlabeled images the teacher labels come from.
+
+A source is ``fn(ctx: TransferContext, cfg: TransferSetConfig) -> TransferSet``. ``target_unlabeled`` uses the
+task's unlabeled remainder; ``generic`` any other image pool. Retrieval-augmented curation registers here too.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from orchestrator.config import TransferSetConfig
+from orchestrator.data.images import ImageSet, TaskData
+from orchestrator.data.loaders import load_task_data
+from orchestrator.data.splits import Split
+from orchestrator.registry import Registry
+
+
+@dataclass
+class TransferContext:
+    """What a source may use: the task data and its split (labels of the unlabeled part are never read)."""
+
+    task: TaskData
+    split: Split
+
+
+@dataclass
+class TransferSet:
+    """Unlabeled transfer images.
+
+    Attributes:
+        images: (N, H, W, C) uint8, converted to the task's channels.
+        source: the source name. description: human-readable provenance.
+        key: 16-hex-digit content hash (images + source settings): the teacher-output cache key part.
+    """
+
+    images: np.ndarray
+    source: str
+    description: str
+    key: str
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+TRANSFER_SETS: Registry[Callable[[TransferContext, TransferSetConfig], TransferSet]] = Registry(
+    "transfer-set source")
+
+
+def _subsample(images: np.ndarray, cfg: TransferSetConfig) -> np.ndarray:
+    if cfg.max_images and cfg.max_images < len(images):
+        idx = np.sort(np.random.default_rng(cfg.seed).choice(len(images), cfg.max_images, replace=False))
+        return images[idx]
+    return images
+
+
+def _make(images: np.ndarray, source: str, description: str, cfg: TransferSetConfig) -> TransferSet:
+    if len(images) == 0:
+        raise ValueError(f"transfer set {source!r} is empty; check transfer_set settings")
+    key = hashlib.sha256(cfg.model_dump_json().encode() + ImageSet(images).content_hash().encode()).hexdigest()[:16]
+    return TransferSet(images, source, description, key)
+
+
+@TRANSFER_SETS.register("target_unlabeled")
+def target_unlabeled(ctx: TransferContext, cfg: TransferSetConfig) -> TransferSet:
+    """The task's unlabeled remainder (train split minus the labeled subset)."""
+    images = _subsample(ctx.task.train.images[ctx.split.unlabeled], cfg)
+    return _make(images, "target_unlabeled", f"{len(images)} unlabeled target-task images", cfg)
+
+
+def match_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """(N, H, W, C) uint8 -> (N, H, W, channels) uint8 (grayscale <-> RGB by repeat / BT.601 luma)."""
+    c = images.shape[-1]
+    if c == channels:
+        return images
+    if channels == 3:
+        return np.repeat(images, 3, axis=-1)
+    luma = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return luma.round().clip(0, 255).astype(np.uint8)[..., None]
+
+
+@TRANSFER_SETS.register("generic")
+def generic(ctx: TransferContext, cfg: TransferSetConfig) -> TransferSet:
+    """Any other image pool (``transfer_set.pool``, a dataset config; its labels are ignored), resized to the
+    task's image size and converted to its channels."""
+    if cfg.pool is None:
+        raise ValueError("transfer_set.source=generic needs transfer_set.pool (a dataset config, e.g. "
+                         "{format: torchvision, name: MNIST} or {format: image_folder, root: ...})")
+    pool = load_task_data(cfg.pool)
+    images = pool.train.images
+    h, w, c = ctx.task.train.images.shape[1:]
+    if images.shape[1:3] != (h, w):
+        import torch
+        import torch.nn.functional as F
+
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+        x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+        images = x.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    images = _subsample(match_channels(images, c), cfg)
+    return _make(images, "generic", f"{len(images)} images from pool {cfg.pool.format}:{cfg.pool.name or cfg.pool.root}",
+                 cfg)
+
+
+def build_transfer_set(ctx: TransferContext, cfg: TransferSetConfig) -> TransferSet:
+    """Build the transfer set with the configured source. Raises UnknownNameError for an unknown source."""
+    return TRANSFER_SETS.get(cfg.source)(ctx, cfg)

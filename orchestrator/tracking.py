@@ -1,0 +1,71 @@
+"""MLflow tracking: embedded sqlite store by default, one parent run per pipeline run, nested stage runs."""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+log = logging.getLogger(__name__)
+
+
+def default_tracking_uri(storage: Path) -> str:
+    """``sqlite:////<storage>/mlflow.db`` (absolute: MLflow 3 resolves relative URIs against each process's cwd)."""
+    return f"sqlite:///{(storage / 'mlflow.db').resolve()}"
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1} (lists and None as strings), for MLflow params."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+class Tracker:
+    """Thin MLflow wrapper (mlflow is imported lazily).
+
+    Args:
+        tracking_uri: e.g. ``sqlite:////abs/mlflow.db`` or ``http://127.0.0.1:5000``.
+        experiment: experiment name (created on first use, artifacts under ``artifact_root`` if given).
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, artifact_root: Path | None = None):
+        import mlflow
+
+        self.mlflow = mlflow
+        self.uri = tracking_uri
+        mlflow.set_tracking_uri(tracking_uri)
+        exp = mlflow.get_experiment_by_name(experiment)
+        if exp is None:
+            loc = artifact_root.resolve().as_uri() if artifact_root else None
+            self.experiment_id = mlflow.create_experiment(experiment, artifact_location=loc)
+        else:
+            self.experiment_id = exp.experiment_id
+
+    @contextmanager
+    def run(self, name: str, nested: bool = False, tags: dict | None = None) -> Iterator[Any]:
+        """Start a (nested) run; yields the mlflow ActiveRun. A failure marks the run FAILED."""
+        with self.mlflow.start_run(run_name=name, experiment_id=self.experiment_id, nested=nested,
+                                   tags=tags) as r:
+            yield r
+
+    def params(self, params: dict) -> None:
+        """Log a flat dict of params (values truncated to MLflow's 6000-character limit)."""
+        flat = {k: str(v)[:6000] for k, v in params.items()}
+        items = list(flat.items())
+        for i in range(0, len(items), 100):
+            self.mlflow.log_params(dict(items[i:i + 100]))
+
+    def metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def artifact(self, path: str | Path, subdir: str | None = None) -> None:
+        self.mlflow.log_artifact(str(path), artifact_path=subdir)
+
+    def tags(self, tags: dict[str, str]) -> None:
+        self.mlflow.set_tags(tags)

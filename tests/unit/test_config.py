@@ -1,0 +1,56 @@
+import pytest
+
+from orchestrator.config import ConfigError, load_config, parse_overrides, resolve_config
+from tests.conftest import TASK
+
+
+def test_task_yaml_loads_and_overrides_apply():
+    cfg = load_config(TASK, ["distill.epochs=3", "student.id=timm/mobilenetv3_small_100", "distill.lr=0.01"])
+    assert cfg.distill.epochs == 3 and cfg.student.id == "timm/mobilenetv3_small_100"
+    assert cfg.distill.lr == pytest.approx(0.01)
+    assert cfg.labels.label_fraction == pytest.approx(0.01)
+
+
+def test_smoke_profile_applies_dotted_values():
+    full, smoke = load_config(TASK), load_config(TASK, smoke=True)
+    assert full.data.limit_train is None and smoke.data.limit_train == 2000
+    assert smoke.distill.epochs < full.distill.epochs
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match=r"unknown config key 'distill.temprature'"):
+        load_config(TASK, ["distill.temprature=2"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'bogus'"):
+        resolve_config({"bogus": 1})
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-0.1"])
+def test_label_fraction_out_of_range(value):
+    with pytest.raises(ConfigError, match=r"label_fraction=.* is out of range; use a value in \(0, 1\]"):
+        load_config(TASK, [f"labels.label_fraction={value}"])
+
+
+def test_per_class_replaces_fraction():
+    cfg = load_config(TASK, ["labels.per_class=5"])
+    assert cfg.labels.per_class == 5 and cfg.labels.label_fraction is None
+
+
+def test_malformed_yaml_names_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("name: x\ndistill:\n  epochs: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"malformed YAML in .*bad.yaml at line \d+"):
+        load_config(p)
+
+
+def test_missing_file_and_bad_override():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("nope.yaml")
+    with pytest.raises(ConfigError, match="is not key=value"):
+        parse_overrides(["distill.epochs"])
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        load_config(TASK, ["seed.x=1"])
+
+
+def test_wrong_type_is_explained():
+    with pytest.raises(ConfigError, match=r"distill.epochs: .*got 'many'"):
+        load_config(TASK, ["distill.epochs=many"])

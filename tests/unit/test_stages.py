@@ -1,0 +1,168 @@
+"""Every stage on CPU with tiny models and real images, no Ray."""
+import numpy as np
+import pytest
+import torch
+
+from orchestrator.cache import Cache
+from orchestrator.config import DistillConfig, StandinConfig, TeacherConfig, TrainConfig, TransferSetConfig
+from orchestrator.data import make_split
+from orchestrator.models import Preprocess, create_student, load_teacher
+from orchestrator.models.teachers import load_model_checkpoint
+from orchestrator.stages.adapt_teacher import adapt_teacher
+from orchestrator.stages.compute import Meter, forward_flops, train_flops
+from orchestrator.stages.distill import DistillData, distill_local
+from orchestrator.stages.evaluate import evaluate, plot_confusion, score
+from orchestrator.stages.losses import LOSSES
+from orchestrator.stages.loop import batch_indices, train_supervised
+from orchestrator.stages.pretrain import pretrain_standin
+from orchestrator.stages.teacher_outputs import teacher_logits
+from orchestrator.stages.transfer_sets import TransferContext, build_transfer_set
+from orchestrator.registry import UnknownNameError
+from tests.conftest import TINY_RESNET
+
+PRE = Preprocess(1, (28, 28), (0.286,), (0.353,))
+
+
+def test_kd_loss_matches_hinton_formula():
+    kd = LOSSES.get("kd_kl")
+    s, t = torch.randn(4, 10), torch.randn(4, 10)
+    T = 3.0
+    p_t = torch.softmax(t / T, -1)
+    manual = (p_t * (p_t.log() - torch.log_softmax(s / T, -1))).sum(-1).mean() * T * T
+    assert torch.allclose(kd(s, t, T), manual, atol=1e-5)
+    assert kd(t, t, T).abs() < 1e-6 and kd(s, t, T) > 0
+
+
+def test_batch_indices_split_ranks_and_cover():
+    a = np.concatenate(list(batch_indices(100, 8, seed=0, epoch=1, rank=0, world=2)))
+    b = np.concatenate(list(batch_indices(100, 8, seed=0, epoch=1, rank=1, world=2)))
+    assert len(a) == len(b) and set(a) | set(b) == set(range(100))
+    assert np.array_equal(a, np.concatenate(list(batch_indices(100, 8, 0, 1, 0, 2))))  # same order on resume
+
+
+def test_linear_probe_adaptation_learns(fmnist):
+    torch.manual_seed(0)
+    t = load_teacher("timm/resnet18", TINY_RESNET)
+    t.preprocess = Preprocess(3, (16, 16), (0.3,) * 3, (0.35,) * 3)
+    split = make_split(fmnist.train.labels, per_class=20)
+    adapt_teacher(t, fmnist.train.subset(split.labeled), 10, TeacherConfig(probe_epochs=100))
+    acc = evaluate(t, t.preprocess, fmnist.test, 10).top1
+    assert acc > 0.25 and t.head.out_features == 10  # random features + probe: well above chance (0.10)
+
+
+def test_finetune_adaptation_changes_backbone(fmnist):
+    t = load_teacher("timm/resnet18", TINY_RESNET)
+    t.preprocess = Preprocess(3, (16, 16), (0.3,) * 3, (0.35,) * 3)
+    before = [p.clone() for p in t.backbone.parameters()]
+    cfg = TeacherConfig(adapt="finetune", probe_epochs=10, finetune=TrainConfig(epochs=2, batch_size=50))
+    adapt_teacher(t, fmnist.train.subset(np.arange(100)), 10, cfg)
+    assert any(not torch.equal(a, b) for a, b in zip(before, t.backbone.parameters()))
+
+
+def test_supervised_loss_decreases(fmnist):
+    torch.manual_seed(0)
+    s = create_student("timm/resnet10t", 10, PRE, TINY_RESNET)
+    hist = train_supervised(s, PRE, fmnist.train.subset(np.arange(300)), TrainConfig(epochs=6, lr=3e-3, batch_size=64))
+    assert hist[-1] < hist[0] * 0.8
+
+
+def tiny_distill_data(fmnist, ckpt):
+    logits = teacher_logits(str(ckpt), fmnist.train.images[:400])
+    assert logits.shape == (400, 10) and logits.dtype == np.float32
+    return DistillData(fmnist.train.images[:400], logits)
+
+
+def test_distill_loss_decreases(fmnist, tiny_teacher_ckpt, tmp_path):
+    data = tiny_distill_data(fmnist, tiny_teacher_ckpt)
+    torch.manual_seed(0)
+    s = create_student("timm/resnet10t", 10, PRE, TINY_RESNET)
+    log = distill_local(s, data, PRE, DistillConfig(epochs=5, batch_size=64, lr=3e-3), tmp_path)
+    assert log["loss"][-1] < log["loss"][0] * 0.7 and log["starts"] == [0]
+
+
+def test_distill_killed_midway_resumes_from_checkpoint(fmnist, tiny_teacher_ckpt, tmp_path):
+    data = tiny_distill_data(fmnist, tiny_teacher_ckpt)
+    cfg = DistillConfig(epochs=4, batch_size=64, lr=3e-3)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_second(epoch, loss):
+        if epoch == 1:
+            raise Killed
+
+    s = create_student("timm/resnet10t", 10, PRE, TINY_RESNET)
+    with pytest.raises(Killed):
+        distill_local(s, data, PRE, cfg, tmp_path, on_epoch=kill_after_second)
+    seen = []
+    s2 = create_student("timm/resnet10t", 10, PRE, TINY_RESNET)
+    log = distill_local(s2, data, PRE, cfg, tmp_path, on_epoch=lambda e, _: seen.append(e))
+    assert seen == [2, 3] and log["starts"] == [0, 2] and len(log["loss"]) == 4
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_evaluate_scores_and_plots(tmp_path):
+    r = score(np.array([0, 1, 1, 2]), np.array([0, 1, 2, 2]), 3, ["a", "b", "c"])
+    assert r.top1 == 0.75 and r.confusion.tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
+    assert r.per_class.tolist() == [1.0, 1.0, 0.5] and r.metrics("s.")["s.acc_class_2"] == 0.5
+    png = plot_confusion(r, tmp_path / "c.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_flops_counts_match_linear_layer():
+    m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
+    assert forward_flops(m, (3, 2, 2)) == 2 * 12 * 5
+    assert train_flops(m, (3, 2, 2)) == 2 * 2 * 12 * 5  # forward + weight grad (input needs no grad)
+    with Meter(devices=2) as meter:
+        sum(range(10000))
+    assert meter.result.device_seconds == pytest.approx(2 * meter.result.wall_seconds)
+    assert meter.result.peak_memory_bytes > 10_000_000
+
+
+def test_cache_writes_atomically(tmp_path):
+    cache = Cache(tmp_path)
+    assert cache.lookup("k", "abc") is None
+    with pytest.raises(RuntimeError):
+        with cache.write("k", "abc") as d:
+            (d / "half.npy").write_text("x")
+            raise RuntimeError("killed")
+    assert cache.lookup("k", "abc") is None and list((tmp_path / "cache" / "k").iterdir()) == []
+    with cache.write("k", "abc", {"a": 1}) as d:
+        (d / "x.txt").write_text("ok")
+    assert (cache.lookup("k", "abc") / "x.txt").read_text() == "ok"
+    assert cache.counters() == {"cache_hits_k": 1, "cache_misses_k": 2}
+
+
+def test_transfer_sources(fmnist, tmp_path):
+    split = make_split(fmnist.train.labels, per_class=10)
+    ctx = TransferContext(fmnist, split)
+    ts = build_transfer_set(ctx, TransferSetConfig())
+    assert len(ts) == 900 and ts.images.shape[1:] == (28, 28, 1)
+    labeled_bytes = {fmnist.train.images[i].tobytes() for i in split.labeled}
+    assert not any(im.tobytes() in labeled_bytes for im in ts.images[:200])
+    sub = build_transfer_set(ctx, TransferSetConfig(max_images=100, seed=1))
+    assert len(sub) == 100 and sub.key != ts.key
+    assert build_transfer_set(ctx, TransferSetConfig(max_images=100, seed=1)).key == sub.key
+    from PIL import Image
+    for c in ("x", "y"):
+        (tmp_path / "train" / c).mkdir(parents=True)
+        (tmp_path / "test" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (40, 40), (i * 60, 10, 200)).save(tmp_path / "train" / c / f"{i}.png")
+            Image.new("RGB", (40, 40)).save(tmp_path / "test" / c / f"{i}.png")
+    pool = {"format": "image_folder", "root": str(tmp_path)}
+    g = build_transfer_set(ctx, TransferSetConfig(source="generic", pool=pool))
+    assert g.images.shape == (8, 28, 28, 1) and g.source == "generic"
+    with pytest.raises(UnknownNameError, match="valid choices: generic, target_unlabeled"):
+        build_transfer_set(ctx, TransferSetConfig(source="laion"))
+    with pytest.raises(ValueError, match="needs transfer_set.pool"):
+        build_transfer_set(ctx, TransferSetConfig(source="generic"))
+
+
+def test_standin_pretraining_uses_no_labels_and_learns(fmnist, tmp_path):
+    cfg = StandinConfig(model_kwargs=TINY_RESNET, input_size=16, epochs=3, batch_size=100, lr=3e-3)
+    losses = []
+    t = pretrain_standin(fmnist.train.images[:400], cfg, [0.286], [0.353], on_epoch=lambda e, l: losses.append(l))
+    assert losses[-1] < losses[0]
+    assert t.head is None and t.preprocess.channels == 3 and t.preprocess.size == (16, 16)
+    assert "STAND-IN" in t.provenance and "no target labels" in t.provenance
