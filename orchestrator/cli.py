@@ -77,11 +77,10 @@ def pretrain_teacher(task: Path = typer.Argument(..., help="task YAML whose `sta
         import torch
 
         from orchestrator.cache import Cache
-        from orchestrator.data import load_task_data, make_split
+        from orchestrator.pipeline import load_data
         from orchestrator.standin import ensure_standin
 
-        data = load_task_data(cfg.data, cfg.seed)
-        split = make_split(data.train.labels, cfg.labels.label_fraction, cfg.labels.per_class, cfg.labels.seed)
+        data, split, _ = load_data(cfg)
         info = ensure_standin(cfg, data, split, Cache(cfg.storage_path()),
                               "cuda" if torch.cuda.is_available() else "cpu")
     except _user_errors() as e:

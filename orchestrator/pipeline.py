@@ -60,17 +60,20 @@ def _params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def stage_data(ctx: Ctx) -> None:
-    cfg = ctx.cfg
+def load_data(cfg: PipelineConfig) -> tuple[TaskData, Split, StageCompute]:
+    """Load the task and choose its labeled subset (before any run is opened, so bad data fails fast)."""
     with Meter() as m:
-        ctx.task = load_task_data(cfg.data, cfg.seed)
-        ctx.split = make_split(ctx.task.train.labels, cfg.labels.label_fraction, cfg.labels.per_class,
-                               cfg.labels.seed)
-    split_file = ctx.split.save(ctx.run_dir / "split.json")
-    ctx.tracker.artifact(split_file)
-    log.info("task: %d train (%d labeled, %d unlabeled), %d test, %d classes", len(ctx.task.train),
-             len(ctx.split.labeled), len(ctx.split.unlabeled), len(ctx.task.test), ctx.task.num_classes)
-    ctx.record("data", m.result, labeled=len(ctx.split.labeled), unlabeled=len(ctx.split.unlabeled))
+        task = load_task_data(cfg.data, cfg.seed)
+        split = make_split(task.train.labels, cfg.labels.label_fraction, cfg.labels.per_class, cfg.labels.seed)
+    m.result.images = len(task.train) + len(task.test)
+    log.info("task: %d train (%d labeled, %d unlabeled), %d test, %d classes", len(task.train),
+             len(split.labeled), len(split.unlabeled), len(task.test), task.num_classes)
+    return task, split, m.result
+
+
+def stage_data(ctx: Ctx, compute: StageCompute) -> None:
+    ctx.tracker.artifact(ctx.split.save(ctx.run_dir / "split.json"))
+    ctx.record("data", compute, labeled=len(ctx.split.labeled), unlabeled=len(ctx.split.unlabeled))
 
 
 def stage_teacher(ctx: Ctx) -> tuple[str, str]:
@@ -245,11 +248,12 @@ def run(config: PipelineConfig) -> RunResult:
     storage = cfg.storage_path()
     storage.mkdir(parents=True, exist_ok=True)
     preflight(cfg)
+    task, split, data_compute = load_data(cfg)
     uri = cfg.tracking.tracking_uri or default_tracking_uri(storage)
     tracker = Tracker(uri, cfg.tracking.experiment, storage / "mlartifacts")
     run_dir = storage / "runs" / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    ctx = Ctx(cfg, Cache(storage), tracker, run_dir, "cuda" if torch.cuda.is_available() else "cpu")
+    ctx = Ctx(cfg, Cache(storage), tracker, run_dir, "cuda" if torch.cuda.is_available() else "cpu", task, split)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     t0 = time.perf_counter()
     with tracker.run(cfg.name, tags={"teacher": cfg.teacher.id, "student": cfg.student.id,
@@ -258,7 +262,7 @@ def run(config: PipelineConfig) -> RunResult:
 
         tracker.params(flatten(cfg.model_dump(mode="json", exclude={"smoke"})))
         tracker.artifact(run_dir / "config.yaml")
-        stage_data(ctx)
+        stage_data(ctx, data_compute)
         teacher_id, teacher_key = stage_teacher(ctx)
         adapted, adapted_key = stage_adapt(ctx, teacher_id, teacher_key)
         outputs = stage_transfer_outputs(ctx, adapted, adapted_key)

@@ -48,6 +48,9 @@ def export_student(model: nn.Module, preprocess: Preprocess, out_dir, classes: l
     torch.save({"state_dict": model.state_dict(), "preprocess": preprocess.to_dict(), "classes": classes}, sd)
     ts = out / "student.torchscript.pt"
     example = torch.zeros(1, preprocess.channels, *preprocess.size)  # (1, C, H, W) float32
-    with torch.no_grad():
+    import warnings
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated in torch 2.15 but still loads
         torch.jit.save(torch.jit.trace(model, example), str(ts))
     return [sd, ts]

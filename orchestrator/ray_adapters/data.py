@@ -51,7 +51,8 @@ def teacher_inference(checkpoint: str, images: np.ndarray, out_dir: Path, batch_
     """Run the adapted teacher over ``images`` ((N, H, W, C) uint8) with a Ray Data actor pool.
 
     Each of ``actors`` actors loads the checkpoint once (1 CPU and ``gpus_per_actor`` GPUs each) and maps
-    batches of ``batch_size``. Shards are written to ``out_dir`` as parquet. Returns (N, K) float32 logits.
+    batches of ``batch_size``. Results stream back to the driver, which writes them to ``out_dir`` as parquet
+    shards of ``(index, logits)`` (no Write tasks compete with the actors for CPUs). Returns (N, K) float32.
     """
     import ray
 
@@ -63,5 +64,34 @@ def teacher_inference(checkpoint: str, images: np.ndarray, out_dir: Path, batch_
         TeacherPredictor, fn_constructor_kwargs={"checkpoint": checkpoint, "num_threads": 1},
         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=batch_size, batch_format="numpy",
         num_cpus=1, num_gpus=gpus_per_actor)
-    out.write_parquet(str(out_dir))
+    write_shards(out.iter_batches(batch_size=None, batch_format="numpy"), out_dir)
     return read_logits(out_dir, len(images))
+
+
+def write_shards(batches, out_dir: Path, rows_per_shard: int = 65536) -> int:
+    """Write ``{"index": (B,), "logits": (B, K)}`` batches as parquet shards of about ``rows_per_shard`` rows.
+    Returns the number of shards."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    buf: list[dict] = []
+    rows = shards = 0
+
+    def flush():
+        nonlocal buf, rows, shards
+        if not buf:
+            return
+        idx = np.concatenate([b["index"] for b in buf])
+        logits = np.concatenate([b["logits"] for b in buf]).astype(np.float32)  # (n, K) float32
+        col = pa.FixedSizeListArray.from_arrays(pa.array(logits.ravel()), logits.shape[1])
+        pq.write_table(pa.table({"index": idx, "logits": col}), out_dir / f"shard-{shards:05d}.parquet")
+        buf, rows, shards = [], 0, shards + 1
+
+    for b in batches:
+        buf.append(b)
+        rows += len(b["index"])
+        if rows >= rows_per_shard:
+            flush()
+    flush()
+    return shards

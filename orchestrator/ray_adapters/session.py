@@ -11,14 +11,13 @@ log = logging.getLogger(__name__)
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Join ``$RAY_ADDRESS`` (a cluster, or inside a Ray Job) or start a local Ray.
 
-    Local Ray gets at most 2 GiB of object store (docker's small /dev/shm otherwise makes ``ray.init`` fail)
-    and no dashboard. Ray Data progress bars are shown only on a terminal.
+    Local Ray gets 2 GiB of object store (docker's small /dev/shm otherwise makes ``ray.init`` fail) and its
+    dashboard on 127.0.0.1 only (Ray Train's state queries need it). Ray Data progress bars only on a terminal.
     """
     import ray
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # hides harmless C++ actor-restart notices
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)

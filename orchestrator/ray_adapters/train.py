@@ -50,7 +50,8 @@ def _train_fn(config: dict) -> None:
             print(f"[kt] resumed distillation from its checkpoint at epoch {start}/{cfg.epochs}", flush=True)
     log["starts"].append(start)
     ddp = ray.train.torch.prepare_model(model) if world > 1 else model
-    fault = int(os.environ.get("KT_FAULT_AFTER_EPOCH", "-1"))  # fault injection for resume tests
+    fault = config.get("fault_after_epoch", -1)  # test-only fault injection: the worker processes die once
+    marker = Path(config["data_dir"]) / f".fault-injected-{ctx.get_experiment_name()}"
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         loss = distill_epoch(ddp, opt, sched, data, pre, cfg, epoch, config["seed"], rank, world, device)
@@ -65,18 +66,22 @@ def _train_fn(config: dict) -> None:
                 save_state(Path(tmp) / "state.pt", model, opt, sched, epoch, log)
                 ckpt = Checkpoint.from_directory(tmp)
             ray.train.report({"epoch": epoch, "loss": loss, "epoch_seconds": seconds}, checkpoint=ckpt)
-        if epoch == fault:
+        if epoch == fault and not marker.exists():
+            time.sleep(2)  # let the controller register the checkpoint just reported
+            if rank == 0:
+                marker.touch()
             os._exit(1)
 
 
 def distill_ray(data_dir: Path, student: str, model_kwargs: dict, num_classes: int, preprocess: dict,
                 distill: dict, seed: int, storage_path: Path, name: str, num_workers: int, use_gpu: bool,
-                cpus_per_worker: float = 1.0):
+                cpus_per_worker: float = 1.0, fault_after_epoch: int = -1):
     """Distill with a TorchTrainer of ``num_workers`` workers.
 
     Args:
         data_dir: holds images.npy ((N, H, W, C) uint8), logits.npy ((N, K) float32), labeled.npz.
         name, storage_path: the Ray Train run identity; the same pair resumes from its latest checkpoint.
+        fault_after_epoch: tests only: every worker process exits after this epoch's checkpoint (first start).
     Returns:
         (state_dict of the student, training log: per-epoch "loss" and rank-0 "seconds", and "starts", the
         epoch each (re)start began at: more than one entry means the run resumed from a checkpoint).
@@ -94,7 +99,7 @@ def distill_ray(data_dir: Path, student: str, model_kwargs: dict, num_classes: i
         _train_fn,
         train_loop_config=dict(data_dir=str(data_dir), student=student, model_kwargs=model_kwargs,
                                num_classes=num_classes, preprocess=preprocess, distill=distill, seed=seed,
-                               threads_per_worker=max(1, int(cpus_per_worker))),
+                               threads_per_worker=max(1, int(cpus_per_worker)), fault_after_epoch=fault_after_epoch),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

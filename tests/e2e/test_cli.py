@@ -1,0 +1,131 @@
+"""The `kt` CLI end to end on real Fashion-MNIST images (the --smoke profile: small subset, tiny models)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, TASK, run_kt
+
+pytestmark = pytest.mark.e2e
+
+
+def mlflow_runs(storage, experiment="fashion_mnist_smoke"):
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{storage}/mlflow.db")
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    return client, parents, runs
+
+
+def children(runs, parent):
+    return {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+
+
+@pytest.fixture(scope="module")
+def smoke_storage(tmp_path_factory):
+    return tmp_path_factory.mktemp("kt_smoke")
+
+
+def test_smoke_run_every_stage_tracked(smoke_storage):
+    r = run_kt("run", str(TASK), "--smoke", "--storage", str(smoke_storage))
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "student (supervised-only)" in r.stdout and "student (distilled + finetuned)" in r.stdout
+    assert f"mlflow ui --backend-store-uri sqlite:///{smoke_storage}/mlflow.db" in r.stdout
+    assert "LOCAL STAND-IN TEACHER (not a VFM)" in r.stderr
+    client, parents, runs = mlflow_runs(smoke_storage)
+    assert len(parents) == 1
+    parent = parents[0]
+    kids = children(runs, parent)
+    assert {"data", "standin", "adapt_teacher", "transfer_set", "teacher_inference", "distill", "finetune",
+            "baseline", "evaluate_student", "evaluate_baseline"} <= set(kids)
+    m = parent.data.metrics
+    assert 0.1 < m["student_top1"] <= 1 and 0.1 < m["teacher_top1"] <= 1
+    assert m["transfer_flops_total"] > 0 and m["transfer_device_seconds_total"] > 0
+    assert kids["teacher_inference"].data.metrics["teacher_forward_passes"] == 1900
+    assert kids["distill"].data.metrics["epochs"] == 2
+    assert parent.data.params["distill.temperature"] == "4.0"
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"config.yaml", "split.json", "confusion_student.png", "confusion_baseline.png", "student"} <= arts
+    ts = client.download_artifacts(parent.info.run_id, "student/student.torchscript.pt", str(smoke_storage))
+    import torch
+
+    out = torch.jit.load(ts)(torch.zeros(2, 1, 28, 28))
+    assert out.shape == (2, 10)
+
+
+def test_second_run_hits_teacher_output_cache(smoke_storage):
+    r = run_kt("run", str(TASK), "--smoke", "--storage", str(smoke_storage))
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "teacher inference skipped" in r.stderr
+    _, parents, runs = mlflow_runs(smoke_storage)
+    kids = children(runs, parents[-1])
+    assert kids["teacher_inference"].data.metrics["cache_hit"] == 1.0
+    assert kids["teacher_inference"].data.metrics["teacher_forward_passes"] == 0
+    assert kids["standin"].data.metrics["cache_hit"] == 1.0
+    assert parents[-1].data.metrics["cache_hits_teacher_outputs"] == 1.0
+
+
+def test_killed_run_resumes_distillation(tmp_path):
+    """SIGKILL `kt run` (and the local Ray it started) mid-distillation; the re-run resumes from the checkpoint."""
+    args = [sys.executable, "-m", "orchestrator.cli", "run", str(TASK), "--smoke", "--storage", str(tmp_path),
+            "--set", "distill.epochs=30", "--set", "baseline.enabled=false"]
+    p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list((tmp_path / "ray_results").glob("distill-*/checkpoint_*")):
+            assert p.poll() is None, "kt run ended before distillation checkpointed"
+            time.sleep(0.5)
+        time.sleep(1.0)
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)  # the driver and the Ray processes it started, nothing else
+        p.wait()
+    r = run_kt("run", str(TASK), "--smoke", "--storage", str(tmp_path), "--set", "distill.epochs=30",
+               "--set", "baseline.enabled=false")
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = r.stdout + r.stderr
+    assert "resumed distillation from its checkpoint at epoch" in out
+    _, parents, runs = mlflow_runs(tmp_path)
+    distill = children(runs, parents[-1])["distill"].data.metrics
+    assert distill["restarts"] >= 1 and distill["resumed_at_epoch"] >= 1 and distill["epochs"] == 30
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--set", "distill.temprature=2"], "unknown config key 'distill.temprature'"),
+    (["--set", "labels.label_fraction=1.5"], "out of range"),
+    (["--set", "student.id=timm/not_a_net"], "unknown student 'timm/not_a_net'"),
+    (["--set", "teacher.id=hub/clip"], "cannot parse model id 'hub/clip'"),
+    (["--set", "transfer_set.source=laion"], "unknown transfer-set source 'laion'"),
+    (["--set", "data.format=image_folder", "--set", "data.root=/nonexistent/task"], "does not exist"),
+])
+def test_bad_input_fails_fast_with_a_clear_error(tmp_path, args, message):
+    r = run_kt("run", str(TASK), "--smoke", "--storage", str(tmp_path), *args, timeout=120)
+    assert r.returncode == 2 and message in r.stderr.replace("\n", " "), r.stderr[-2000:]
+    assert not list(tmp_path.rglob(".tmp-*")) and not (tmp_path / "cache").exists()
+
+
+def test_corrupt_image_in_image_folder_is_named(tmp_path, fmnist):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in range(2):
+            d = tmp_path / "task" / split / f"c{c}"
+            d.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(fmnist.train.images[i + 3 * c, ..., 0]).save(d / f"{i}.png")
+    (tmp_path / "task" / "train" / "c1" / "bad.jpg").write_bytes(np.arange(64, dtype=np.uint8).tobytes())
+    r = run_kt("run", str(TASK), "--smoke", "--storage", str(tmp_path / "s"), "--set", "data.format=image_folder",
+               "--set", f"data.root={tmp_path / 'task'}", timeout=120)
+    assert r.returncode == 2 and "bad.jpg" in r.stderr and "delete or replace" in r.stderr.replace("\n", " ")
+    assert not list((tmp_path / "s").rglob(".tmp-*"))
+
+
+def test_help_lists_commands():
+    r = run_kt("--help", timeout=60)
+    assert r.returncode == 0 and "run" in r.stdout and "pretrain-teacher" in r.stdout
