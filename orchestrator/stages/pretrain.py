@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from typing import Callable
 
@@ -63,7 +64,11 @@ def pretrain_standin(images: np.ndarray, cfg: StandinConfig, mean: list[float], 
     gen = torch.Generator().manual_seed(cfg.seed)
     for epoch in range(cfg.epochs):
         t0, losses = time.perf_counter(), []
-        for idx in batch_indices(len(images), cfg.batch_size, cfg.seed, epoch):
+        from tqdm import tqdm
+
+        steps = tqdm(batch_indices(len(images), cfg.batch_size, cfg.seed, epoch), total=steps_per_epoch,
+                     desc=f"SimCLR epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not sys.stderr.isatty())
+        for idx in steps:
             x = to_unit(torch.from_numpy(images[idx]))  # (B, C, H, W) float32 in [0, 1]
             v1 = teacher.preprocess.from_unit(simclr_view(x, gen)).to(device)
             v2 = teacher.preprocess.from_unit(simclr_view(x, gen)).to(device)

@@ -54,3 +54,13 @@ def test_missing_file_and_bad_override():
 def test_wrong_type_is_explained():
     with pytest.raises(ConfigError, match=r"distill.epochs: .*got 'many'"):
         load_config(TASK, ["distill.epochs=many"])
+
+
+def test_python_api_uses_the_same_funnel():
+    import orchestrator
+
+    with pytest.raises(ConfigError, match="unknown config key 'distill.temprature'"):
+        orchestrator.run({"distill": {"temprature": 2}})
+    with pytest.raises(ConfigError, match="out of range"):
+        orchestrator.run(str(TASK), overrides=["labels.label_fraction=2"])
+    assert orchestrator.load_config(TASK, smoke=True).name == "fashion_mnist_smoke"
