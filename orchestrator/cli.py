@@ -35,7 +35,7 @@ def _load(task: Path, sets: list[str] | None, smoke: bool, storage: str | None):
 def _fail(e: Exception) -> None:
     from rich.console import Console
 
-    Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {e}", highlight=False)
     raise typer.Exit(2)
 
 
