@@ -24,7 +24,11 @@ log = logging.getLogger(__name__)
 @dataclass
 class RunResult:
     """What a run returns. ``table``: rows (model, role, top-1, forward FLOPs/image, params);
-    ``metrics``: every logged metric of the parent run; ``stages``: per-stage compute and cache hits."""
+    ``metrics``: every logged metric of the parent run; ``stages``: per-stage compute and cache hits.
+
+    Stage compute is the compute that produced the stage's output (a recipe's cost, comparable across runs):
+    a cached output reports the compute recorded when it was made, with ``cache_hit = 1``; what actually ran
+    now shows in ``teacher_forward_passes`` and the distillation's ``restarts``."""
 
     run_id: str
     tracking_uri: str
@@ -54,6 +58,11 @@ class Ctx:
         with self.tracker.run(stage, nested=True):
             self.tracker.metrics({k: v for k, v in info.items() if isinstance(v, (int, float))})
         self.metrics.update({f"{stage}.{k}": v for k, v in info.items() if isinstance(v, (int, float))})
+
+
+def cached_compute(entry: Path) -> StageCompute:
+    """The compute recorded in a cache entry's metadata when it was made (zeros if it has none)."""
+    return StageCompute.from_dict(json.loads((entry / "_meta.json").read_text()).get("compute") or {})
 
 
 def _params(model) -> int:
@@ -104,22 +113,27 @@ def stage_adapt(ctx: Ctx, teacher_id: str, teacher_key: str) -> tuple[Path, str]
                                                                             "inference_actors"})})
     labeled = task.train.subset(ctx.split.labeled)
     hit = ctx.cache.lookup("adapted_teacher", key)
-    with Meter() as m:
-        if hit is None:
-            teacher = load_teacher(teacher_id, cfg.teacher.model_kwargs)
-            adapt_teacher(teacher, labeled, task.num_classes, cfg.teacher, cfg.seed, ctx.device)
-            with ctx.cache.write("adapted_teacher", key, {"teacher": teacher_id}) as tmp:
-                save_model_checkpoint(teacher, tmp / "teacher.pt", task.classes)
-        ckpt = ctx.cache.path("adapted_teacher", key) / "teacher.pt"
-        teacher = load_model_checkpoint(ckpt)
-        m.result.images = len(labeled) * (1 if cfg.teacher.adapt == "linear_probe" else cfg.teacher.finetune.epochs)
-    shape = (teacher.preprocess.channels, *teacher.preprocess.size)
-    fwd = forward_flops(teacher, shape)
-    m.result.flops = fwd * m.result.images * (1 if cfg.teacher.adapt == "linear_probe" else 3)
+    if hit is None:
+        meta: dict = {"teacher": teacher_id}
+        with ctx.cache.write("adapted_teacher", key, meta) as tmp:
+            with Meter() as m:
+                teacher = load_teacher(teacher_id, cfg.teacher.model_kwargs)
+                adapt_teacher(teacher, labeled, task.num_classes, cfg.teacher, cfg.seed, ctx.device)
+            fwd = forward_flops(teacher, (teacher.preprocess.channels, *teacher.preprocess.size))
+            # probe features once, then (LP-FT) finetune epochs at ~3x a forward pass each
+            ft_images = len(labeled) * cfg.teacher.finetune.epochs if cfg.teacher.adapt == "finetune" else 0
+            m.result.images = len(labeled) + ft_images
+            m.result.flops = fwd * len(labeled) + 3 * fwd * ft_images
+            meta["compute"] = m.result.to_dict()
+            save_model_checkpoint(teacher, tmp / "teacher.pt", task.classes)
+    ckpt = ctx.cache.path("adapted_teacher", key) / "teacher.pt"
+    teacher = load_model_checkpoint(ckpt)
+    fwd = forward_flops(teacher, (teacher.preprocess.channels, *teacher.preprocess.size))
+    compute = cached_compute(ckpt.parent)
     with Meter() as me:
         res = evaluate(teacher, teacher.preprocess, task.test, task.num_classes, task.classes, device=ctx.device)
     ctx.tracker.artifact(plot_confusion(res, ctx.run_dir / "confusion_teacher.png", f"adapted teacher {res.top1:.4f}"))
-    ctx.record("adapt_teacher", m.result, hit is not None, top1=res.top1, forward_flops_per_image=fwd,
+    ctx.record("adapt_teacher", compute, hit is not None, top1=res.top1, forward_flops_per_image=fwd,
                params=_params(teacher), eval_seconds=me.result.wall_seconds)
     ctx.table.append({"model": teacher_id, "role": f"teacher ({cfg.teacher.adapt})", "top1": res.top1,
                       "flops": fwd, "params": _params(teacher)})
@@ -140,19 +154,24 @@ def stage_transfer_outputs(ctx: Ctx, adapted: Path, adapted_key: str) -> Path:
     log.info("transfer set: %s (key %s)", ts.description, ts.key)
     key = config_hash({"teacher": adapted_key, "transfer_set": ts.key})
     hit = ctx.cache.lookup("teacher_outputs", key)
-    with Meter(devices=cfg.teacher.inference_actors) as m:
-        if hit is None:
-            log.info("teacher inference over %d images (%d Ray Data actors)", len(ts), cfg.teacher.inference_actors)
-            with ctx.cache.write("teacher_outputs", key, {"transfer_set": ts.description}) as tmp:
+    forward_passes = 0
+    if hit is None:
+        log.info("teacher inference over %d images (%d Ray Data actors)", len(ts), cfg.teacher.inference_actors)
+        meta: dict = {"transfer_set": ts.description}
+        with ctx.cache.write("teacher_outputs", key, meta) as tmp:
+            with Meter(devices=cfg.teacher.inference_actors) as m:
                 logits = teacher_inference(str(adapted), ts.images, tmp / "shards", cfg.teacher.inference_batch_size,
                                            cfg.teacher.inference_actors, 1.0 if ctx.device == "cuda" else 0.0)
-                np.save(tmp / "logits.npy", logits)
-                np.save(tmp / "images.npy", ts.images)
-            m.result.images = len(ts)
+            m.result.images = forward_passes = len(ts)
             m.result.flops = ctx.teacher_flops * len(ts)
-        else:
-            log.info("teacher outputs cache hit (%s): teacher inference skipped", key)
-    ctx.record("teacher_inference", m.result, hit is not None, teacher_forward_passes=m.result.images)
+            meta["compute"] = m.result.to_dict()
+            np.save(tmp / "logits.npy", logits)
+            np.save(tmp / "images.npy", ts.images)
+    else:
+        log.info("teacher outputs cache hit (%s): teacher inference skipped", key)
+    entry = ctx.cache.path("teacher_outputs", key)
+    compute = cached_compute(entry)
+    ctx.record("teacher_inference", compute, hit is not None, teacher_forward_passes=forward_passes)
     return ctx.cache.path("teacher_outputs", key)
 
 
@@ -189,7 +208,7 @@ def stage_distill(ctx: Ctx, outputs: Path):
     student.load_state_dict(state)
     shape = (c, h, w)
     per_img = train_flops(student, shape)
-    epochs = len(tlog["loss"])  # all epochs of this training run, including those before a resume
+    epochs = len(tlog["loss"])  # all epochs of this training, including those before a resume
     per_step = cfg.distill.batch_size + (min(cfg.distill.batch_size, len(labeled)) if cfg.distill.ce_weight else 0)
     m.result.images = steps_per_epoch(n, cfg.distill, world) * world * per_step * epochs
     m.result.flops = per_img * m.result.images

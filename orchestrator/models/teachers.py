@@ -35,18 +35,19 @@ class Teacher(nn.Module):
         model_id: the id it was built from (``str``), and ``build_id``, the random-init id used to rebuild it.
         preprocess: the input conversion this backbone expects.
         feature_dim: D.
-        head: nn.Linear(D, K) after adaptation, else None.
+        head: nn.Linear(D, K) after adaptation, else None. classes: K class names, if known.
     """
 
     def __init__(self, backbone: nn.Module, feature_dim: int, preprocess: Preprocess, model_id: str,
                  build_id: str, model_kwargs: dict | None = None, head: nn.Linear | None = None,
-                 provenance: str = ""):
+                 provenance: str = "", classes: list[str] | None = None):
         super().__init__()
         self.backbone, self.head = backbone, head
         self.feature_dim, self.preprocess = feature_dim, preprocess
         self.model_id, self.build_id = model_id, build_id
         self.model_kwargs = dict(model_kwargs or {})
         self.provenance = provenance
+        self.classes = classes
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) float32 preprocessed -> (B, D) float32 features."""
@@ -184,7 +185,5 @@ def load_model_checkpoint(path: str | Path) -> Teacher:
         w = blob["head"]["weight"]  # (K, D) float32
         head = nn.Linear(w.shape[1], w.shape[0])
         head.load_state_dict(blob["head"])
-    t = Teacher(backbone, dim, Preprocess.from_dict(blob["preprocess"]), f"checkpoint/{path}", blob["build_id"],
-                blob["model_kwargs"], head, blob.get("provenance", ""))
-    t.classes = blob.get("classes")
-    return t.eval()
+    return Teacher(backbone, dim, Preprocess.from_dict(blob["preprocess"]), f"checkpoint/{path}", blob["build_id"],
+                   blob["model_kwargs"], head, blob.get("provenance", ""), blob.get("classes")).eval()

@@ -67,6 +67,13 @@ class StageCompute:
     peak_memory_bytes: int = 0
     extra: dict = field(default_factory=dict)
 
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StageCompute":
+        return cls(**d)
+
     def metrics(self, prefix: str) -> dict[str, float]:
         d = asdict(self)
         extra = d.pop("extra")
