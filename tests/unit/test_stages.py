@@ -33,6 +33,12 @@ def test_kd_loss_matches_hinton_formula():
     assert kd(t, t, T).abs() < 1e-6 and kd(s, t, T) > 0
 
 
+def test_feature_cosine_loss():
+    fc = LOSSES.get("feature_cosine")
+    f = torch.randn(3, 8)
+    assert fc(f, f).abs() < 1e-6 and torch.isclose(fc(f, -f), torch.tensor(2.0))
+
+
 def test_batch_indices_split_ranks_and_cover():
     a = np.concatenate(list(batch_indices(100, 8, seed=0, epoch=1, rank=0, world=2)))
     b = np.concatenate(list(batch_indices(100, 8, seed=0, epoch=1, rank=1, world=2)))
