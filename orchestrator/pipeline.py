@@ -113,6 +113,7 @@ def stage_adapt(ctx: Ctx, teacher_id: str, teacher_key: str) -> tuple[Path, str]
                                                                             "inference_actors"})})
     labeled = task.train.subset(ctx.split.labeled)
     hit = ctx.cache.lookup("adapted_teacher", key)
+    fwd = None
     if hit is None:
         meta: dict = {"teacher": teacher_id}
         with ctx.cache.write("adapted_teacher", key, meta) as tmp:
@@ -128,7 +129,7 @@ def stage_adapt(ctx: Ctx, teacher_id: str, teacher_key: str) -> tuple[Path, str]
             save_model_checkpoint(teacher, tmp / "teacher.pt", task.classes)
     ckpt = ctx.cache.path("adapted_teacher", key) / "teacher.pt"
     teacher = load_model_checkpoint(ckpt)
-    fwd = forward_flops(teacher, (teacher.preprocess.channels, *teacher.preprocess.size))
+    fwd = fwd or forward_flops(teacher, (teacher.preprocess.channels, *teacher.preprocess.size))
     compute = cached_compute(ckpt.parent)
     with Meter() as me:
         res = evaluate(teacher, teacher.preprocess, task.test, task.num_classes, task.classes, device=ctx.device)
@@ -170,9 +171,8 @@ def stage_transfer_outputs(ctx: Ctx, adapted: Path, adapted_key: str) -> Path:
     else:
         log.info("teacher outputs cache hit (%s): teacher inference skipped", key)
     entry = ctx.cache.path("teacher_outputs", key)
-    compute = cached_compute(entry)
-    ctx.record("teacher_inference", compute, hit is not None, teacher_forward_passes=forward_passes)
-    return ctx.cache.path("teacher_outputs", key)
+    ctx.record("teacher_inference", cached_compute(entry), hit is not None, teacher_forward_passes=forward_passes)
+    return entry
 
 
 def stage_distill(ctx: Ctx, outputs: Path):

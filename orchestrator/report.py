@@ -7,7 +7,9 @@ def print_run(result) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    con = Console(width=None if Console().is_terminal else 160)  # no wrapping when piped or logged
+    import sys
+
+    con = Console(width=None if sys.stdout.isatty() else 160)  # no wrapping when piped or logged
     t = Table(title=f"knowledge transfer: run {result.run_id}")
     for col in ("model", "role", "top-1", "MFLOPs/img", "params (M)"):
         t.add_column(col, justify="right" if col != "model" and col != "role" else "left")

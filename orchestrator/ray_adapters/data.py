@@ -25,24 +25,13 @@ def images_dataset(images: np.ndarray, blocks: int):
     return ray.data.from_arrow(tables)
 
 
-def read_logits(shard_dir: Path, n: int) -> np.ndarray:
-    """Read (index, logits) parquet shards back into (n, K) float32 in index order. Raises ValueError if
-    any index is missing or repeated."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    idx_parts, logit_parts = [], []
-    for f in sorted(shard_dir.glob("*.parquet")):
-        t = pq.read_table(f)
-        col = t.column("logits").combine_chunks()
-        col = col.storage if isinstance(col, pa.ExtensionArray) else col
-        idx_parts.append(t.column("index").to_numpy())
-        logit_parts.append(col.flatten().to_numpy().reshape(len(col), -1))
-    index = np.concatenate(idx_parts)
+def order_logits(index: np.ndarray, logits: np.ndarray, n: int, where: str) -> np.ndarray:
+    """Place rows by ``index`` ((n,) int64) into (n, K) float32. Raises ValueError if any index is missing or
+    repeated."""
     if len(index) != n or not np.array_equal(np.sort(index), np.arange(n)):
-        raise ValueError(f"teacher-output shards in {shard_dir} hold {len(index)} rows for {n} images")
-    out = np.empty((n, logit_parts[0].shape[1]), np.float32)
-    out[index] = np.concatenate(logit_parts)
+        raise ValueError(f"teacher outputs in {where} hold {len(index)} rows for {n} images")
+    out = np.empty((n, logits.shape[1]), np.float32)
+    out[index] = logits
     return out
 
 
@@ -64,34 +53,35 @@ def teacher_inference(checkpoint: str, images: np.ndarray, out_dir: Path, batch_
         TeacherPredictor, fn_constructor_kwargs={"checkpoint": checkpoint, "num_threads": 1},
         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=batch_size, batch_format="numpy",
         num_cpus=1, num_gpus=gpus_per_actor)
-    write_shards(out.iter_batches(batch_size=None, batch_format="numpy"), out_dir)
-    return read_logits(out_dir, len(images))
+    index, logits = write_shards(out.iter_batches(batch_size=None, batch_format="numpy"), out_dir)
+    return order_logits(index, logits, len(images), str(out_dir))
 
 
-def write_shards(batches, out_dir: Path, rows_per_shard: int = 65536) -> int:
+def write_shards(batches, out_dir: Path, rows_per_shard: int = 65536) -> tuple[np.ndarray, np.ndarray]:
     """Write ``{"index": (B,), "logits": (B, K)}`` batches as parquet shards of about ``rows_per_shard`` rows.
-    Returns the number of shards."""
+    Returns everything written: (index (N,) int64, logits (N, K) float32), in arrival order."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     out_dir.mkdir(parents=True, exist_ok=True)
     buf: list[dict] = []
-    rows = shards = 0
+    done_idx: list[np.ndarray] = []
+    done_logits: list[np.ndarray] = []
 
     def flush():
-        nonlocal buf, rows, shards
         if not buf:
             return
-        idx = np.concatenate([b["index"] for b in buf])
+        idx = np.concatenate([b["index"] for b in buf]).astype(np.int64)
         logits = np.concatenate([b["logits"] for b in buf]).astype(np.float32)  # (n, K) float32
         col = pa.FixedSizeListArray.from_arrays(pa.array(logits.ravel()), logits.shape[1])
-        pq.write_table(pa.table({"index": idx, "logits": col}), out_dir / f"shard-{shards:05d}.parquet")
-        buf, rows, shards = [], 0, shards + 1
+        pq.write_table(pa.table({"index": idx, "logits": col}), out_dir / f"shard-{len(done_idx):05d}.parquet")
+        done_idx.append(idx)
+        done_logits.append(logits)
+        buf.clear()
 
     for b in batches:
         buf.append(b)
-        rows += len(b["index"])
-        if rows >= rows_per_shard:
+        if sum(len(x["index"]) for x in buf) >= rows_per_shard:
             flush()
     flush()
-    return shards
+    return np.concatenate(done_idx), np.concatenate(done_logits)
