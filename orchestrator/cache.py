@@ -64,6 +64,23 @@ class Cache:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
+    def incremental(self, kind: str, key: str) -> Path:
+        """The entry's directory for a stage that publishes its parts one by one (each atomically), e.g.
+        embedding shards, so a killed stage resumes without redoing finished parts. It becomes a complete
+        entry only through :meth:`complete`."""
+        p = self.path(kind, key)
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def complete(self, kind: str, key: str, meta: dict | None = None) -> Path:
+        """Mark an :meth:`incremental` entry complete (metadata first, then the ``_COMPLETE`` marker)."""
+        p = self.path(kind, key)
+        tmp = p / f".meta-{uuid.uuid4().hex[:8]}"
+        tmp.write_text(json.dumps(meta or {}, indent=1, default=str))
+        tmp.replace(p / "_meta.json")
+        (p / "_COMPLETE").write_text("")
+        return p
+
     def counters(self) -> dict[str, int]:
         """``{"cache_hits_<kind>": n, "cache_misses_<kind>": n}`` for logging."""
         out = {f"cache_hits_{k}": v for k, v in self.hits.items()}

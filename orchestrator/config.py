@@ -115,12 +115,71 @@ class TeacherConfig(Strict):
     inference_actors: int = Field(2, gt=0, description="Ray Data actors, each holding the teacher once")
 
 
+class PoolConfig(Strict):
+    """A large image pool searched by retrieval, read shard by shard.
+
+    ``format``: ``webdataset`` (``*.tar`` shards as img2dataset writes them: ``<key>.<jpg|png|webp>``),
+    ``parquet`` (``*.parquet`` files with a column of encoded image bytes) or ``image_dir`` (image files under
+    ``root``, recursively, grouped ``shard_size`` at a time). A pool image's stable id is (shard, key).
+    """
+
+    format: Literal["webdataset", "parquet", "image_dir"] = "webdataset"
+    root: str
+    image_column: str = Field("jpg", description="parquet: column of image bytes (or struct with 'bytes')")
+    key_column: str | None = Field("key", description="parquet: column of keys (row number when absent)")
+    shard_size: int = Field(10_000, gt=0, description="image_dir: files per shard")
+    max_shards: int | None = Field(None, gt=0, description="use only the first N shards (trial runs)")
+    max_bad_fraction: float = Field(0.01, ge=0, le=1, description="unreadable images/shards tolerated")
+    target_domain_prefix: str | None = Field(
+        None, description="evaluation only: keys starting with this come from the target domain (demo pool)")
+
+
+class IndexConfig(Strict):
+    """faiss index over the pool's embeddings; ``auto`` follows autofaiss's selection by size and memory."""
+
+    kind: Literal["auto", "flat", "ivf_flat", "hnsw", "ivf_pq"] = "auto"
+    memory_budget_gb: float = Field(4.0, gt=0, description="memory one index part may use (GiB)")
+    exact_below: int = Field(100_000, ge=0, description="pools smaller than this use exact (Flat) search")
+    nprobe: int | None = Field(None, gt=0)
+    ef_search: int | None = Field(None, gt=0)
+
+
+class RetrievalConfig(Strict):
+    """Retrieval-augmented curation (Vemulapalli et al. 2024, Sec. 3.2): the labeled target images are queries;
+    their nearest pool images by the embedder's cosine similarity form the transfer set.
+
+    Give ``k`` (neighbours per query) or ``budget`` (total images, split evenly over the queries)."""
+
+    pool: PoolConfig
+    embedder: str | None = Field(None, description="model id; default: the teacher before adaptation")
+    k: int | None = Field(None, gt=0)
+    budget: int | None = Field(None, gt=0)
+    dedup_threshold: float = Field(0.98, gt=0, le=1, description="cosine above which two images are duplicates")
+    balance: bool = Field(False, description="equal share per class by the adapted teacher's pseudo-labels")
+    oversample: float = Field(2.0, ge=1, description="candidates searched per query, as a multiple of its share")
+    dtype: Literal["float16", "float32"] = "float16"
+    embed_batch_size: int = Field(256, gt=0)
+    embed_actors: int = Field(2, gt=0)
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    manifest: str | None = Field(None, description="reuse this manifest.parquet instead of searching")
+    random_control: bool = Field(
+        False, description="also distill on a same-size random sample of the pool (same seed, same run)")
+
+    @model_validator(mode="after")
+    def _size(self):
+        if (self.k is None) == (self.budget is None) and self.manifest is None:
+            raise ValueError("transfer_set.retrieval needs exactly one of k (neighbours per query) or budget "
+                             "(total images)")
+        return self
+
+
 class TransferSetConfig(Strict):
     """The unlabeled images the teacher labels for distillation (a transfer-set source plug-in)."""
 
     source: str = "target_unlabeled"
     max_images: int | None = Field(None, gt=0, description="seeded random subset of at most N images")
     pool: DatasetConfig | None = None
+    retrieval: RetrievalConfig | None = None
     seed: int = 0
 
 
@@ -266,6 +325,28 @@ def load_yaml(path: str | Path) -> dict:
     return data or {}
 
 
+def deep_merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``: nested mappings merge key by key, anything else replaces."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_task_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """Read a task YAML; ``extends: other.yaml`` (relative to this file) starts from that file's values.
+    Raises ConfigError for a missing/malformed file or an ``extends`` cycle."""
+    p = Path(path).resolve()
+    if p in _seen:
+        raise ConfigError(f"task {p} extends itself (cycle: {' -> '.join(map(str, _seen + (p,)))})")
+    data = load_yaml(path)
+    base = data.pop("extends", None) if isinstance(data, dict) else None
+    if base is None:
+        return data
+    return deep_merge(load_task_yaml(p.parent / str(base), _seen + (p,)), data)
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None, smoke: bool = False) -> PipelineConfig:
-    """Load ``path`` (a task YAML), apply smoke profile and ``--set`` overrides, validate."""
-    return resolve_config(load_yaml(path), overrides, smoke, source=str(path))
+    """Load ``path`` (a task YAML, following ``extends``), apply smoke profile and ``--set`` overrides,
+    validate."""
+    return resolve_config(load_task_yaml(path), overrides, smoke, source=str(path))

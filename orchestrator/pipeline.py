@@ -142,17 +142,30 @@ def stage_adapt(ctx: Ctx, teacher_id: str, teacher_key: str) -> tuple[Path, str]
     return ckpt, key
 
 
-def stage_transfer_outputs(ctx: Ctx, adapted: Path, adapted_key: str) -> Path:
-    """Build the transfer set and the teacher's logits on it (cached; Ray Data). Returns the entry dir."""
-    from orchestrator.ray_adapters.data import teacher_inference
+def stage_transfer_set(ctx: Ctx, teacher: tuple[str, str], adapted: Path, adapted_key: str):
+    """Build the transfer set with its source plug-in; log its size, provenance and (pool sources) manifest."""
+    from orchestrator.ids import parse_model_id
     from orchestrator.stages.transfer_sets import TransferContext, build_transfer_set
 
     cfg = ctx.cfg
+    kwargs = {} if parse_model_id(teacher[0]).namespace == "checkpoint" else cfg.teacher.model_kwargs
+    tctx = TransferContext(ctx.task, ctx.split, ctx.cache, teacher[0], teacher[1], kwargs, adapted, adapted_key,
+                           1.0 if ctx.device == "cuda" else 0.0)
     with Meter() as mt:
-        ts = build_transfer_set(TransferContext(ctx.task, ctx.split), cfg.transfer_set)
-    ctx.record("transfer_set", mt.result, size=len(ts))
+        ts = build_transfer_set(tctx, cfg.transfer_set)
+    ctx.record("transfer_set", mt.result, size=len(ts), **ts.info)
     ctx.tracker.tags({"transfer_set.source": ts.source, "transfer_set.key": ts.key})
+    if ts.manifest is not None:
+        ctx.tracker.artifact(ts.manifest, "transfer_set")
     log.info("transfer set: %s (key %s)", ts.description, ts.key)
+    return ts, tctx
+
+
+def stage_teacher_outputs(ctx: Ctx, ts, adapted: Path, adapted_key: str, stage: str = "teacher_inference") -> Path:
+    """The adapted teacher's logits on a transfer set (cached; Ray Data). Returns the entry dir."""
+    from orchestrator.ray_adapters.data import teacher_inference
+
+    cfg = ctx.cfg
     key = config_hash({"teacher": adapted_key, "transfer_set": ts.key})
     hit = ctx.cache.lookup("teacher_outputs", key)
     forward_passes = 0
@@ -171,11 +184,11 @@ def stage_transfer_outputs(ctx: Ctx, adapted: Path, adapted_key: str) -> Path:
     else:
         log.info("teacher outputs cache hit (%s): teacher inference skipped", key)
     entry = ctx.cache.path("teacher_outputs", key)
-    ctx.record("teacher_inference", cached_compute(entry), hit is not None, teacher_forward_passes=forward_passes)
+    ctx.record(stage, cached_compute(entry), hit is not None, teacher_forward_passes=forward_passes)
     return entry
 
 
-def stage_distill(ctx: Ctx, outputs: Path):
+def stage_distill(ctx: Ctx, outputs: Path, stage: str = "distill"):
     """Distill on the transfer set with Ray Train. Returns the student (nn.Module) and its preprocess."""
     import torch
 
@@ -189,7 +202,7 @@ def stage_distill(ctx: Ctx, outputs: Path):
     h, w, c = task.train.images.shape[1:]
     pre = Preprocess(c, (h, w), tuple(mean), tuple(std))
     labeled = task.train.subset(ctx.split.labeled)
-    data_dir = ctx.run_dir / "distill_data"
+    data_dir = ctx.run_dir / f"{stage}_data"
     data_dir.mkdir(exist_ok=True)
     for f in ("images.npy", "logits.npy"):
         (data_dir / f).unlink(missing_ok=True)
@@ -214,8 +227,8 @@ def stage_distill(ctx: Ctx, outputs: Path):
     m.result.flops = per_img * m.result.images
     m.result.device_seconds = sum(tlog["seconds"]) * world
     for e, loss in enumerate(tlog["loss"]):
-        ctx.tracker.metrics({"distill_loss": loss}, step=e)
-    ctx.record("distill", m.result, None, epochs=epochs, resumed_at_epoch=max(tlog["starts"]),
+        ctx.tracker.metrics({f"{stage}_loss": loss}, step=e)
+    ctx.record(stage, m.result, None, epochs=epochs, resumed_at_epoch=max(tlog["starts"]),
                restarts=len(tlog["starts"]) - 1, final_loss=tlog["loss"][-1], train_flops_per_image=per_img)
     return student.to(ctx.device), pre
 
@@ -233,6 +246,19 @@ def stage_supervised(ctx: Ctx, name: str, student, pre, train_cfg):
         ctx.tracker.metrics({f"{name}_loss": loss}, step=e)
     ctx.record(name, m.result, None, final_loss=hist[-1] if hist else float("nan"))
     return student
+
+
+def stage_random_control(ctx: Ctx, tctx, size: int, adapted: Path, adapted_key: str) -> float:
+    """Retrieval's control arm: distill the same student on a same-size random sample of the same pool (same
+    seed, same run) and evaluate it. Returns its top-1."""
+    from orchestrator.retrieval import random_pool_sample
+
+    with Meter() as mt:
+        ts = random_pool_sample(tctx, ctx.cfg.transfer_set, size)
+    ctx.record("transfer_set_random", mt.result, size=len(ts), **ts.info)
+    outputs = stage_teacher_outputs(ctx, ts, adapted, adapted_key, "teacher_inference_random")
+    student, pre = stage_distill(ctx, outputs, "distill_random")
+    return stage_evaluate(ctx, "random_control", "student (distilled on a random pool sample)", student, pre)
 
 
 def stage_evaluate(ctx: Ctx, name: str, role: str, student, pre) -> float:
@@ -284,9 +310,16 @@ def run(config: PipelineConfig) -> RunResult:
         stage_data(ctx, data_compute)
         teacher_id, teacher_key = stage_teacher(ctx)
         adapted, adapted_key = stage_adapt(ctx, teacher_id, teacher_key)
-        outputs = stage_transfer_outputs(ctx, adapted, adapted_key)
+        ts, tctx = stage_transfer_set(ctx, (teacher_id, teacher_key), adapted, adapted_key)
+        outputs = stage_teacher_outputs(ctx, ts, adapted, adapted_key)
         student, pre = stage_distill(ctx, outputs)
         distilled_top1 = stage_evaluate(ctx, "distilled", "student (distilled)", student, pre)
+        rcfg = cfg.transfer_set.retrieval
+        if cfg.transfer_set.source == "retrieval" and rcfg is not None and rcfg.random_control:
+            random_top1 = stage_random_control(ctx, tctx, len(ts), adapted, adapted_key)
+            ctx.metrics.update({"random_control_top1": random_top1,
+                                "retrieval_gain_over_random": distilled_top1 - random_top1})
+        del ts
         student = stage_supervised(ctx, "finetune", student, pre, cfg.finetune)
         student_top1 = stage_evaluate(ctx, "student", "student (distilled + finetuned)", student, pre)
         for p in export_student(student, pre, run_dir / "student", ctx.task.classes):

@@ -19,11 +19,17 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
         ray.init(num_cpus=num_cpus, object_store_memory=2 * 1024**3, dashboard_host="127.0.0.1",
                  logging_config=ray.LoggingConfig(log_level="WARNING"))
+    if handlers:  # LoggingConfig resets the driver's root logger to WARNING: keep the application's logging
+        root.setLevel(level)
+        root.handlers[:] = handlers
+        logging.getLogger("ray").setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
     ctx.print_on_execution_start = False

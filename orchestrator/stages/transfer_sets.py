@@ -1,13 +1,15 @@
 """Transfer-set sources (a plug-in kind): where the unlabeled images the teacher labels come from.
 
 A source is ``fn(ctx: TransferContext, cfg: TransferSetConfig) -> TransferSet``. ``target_unlabeled`` uses the
-task's unlabeled remainder; ``generic`` any other image pool. Retrieval-augmented curation registers here too.
+task's unlabeled remainder; ``generic`` any other image pool; ``retrieval`` curates a pool by kNN search with
+the labeled images as queries (:mod:`orchestrator.retrieval`).
 """
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -20,10 +22,19 @@ from orchestrator.registry import Registry
 
 @dataclass
 class TransferContext:
-    """What a source may use: the task data and its split (labels of the unlabeled part are never read)."""
+    """What a source may use: the task data and its split (labels of the unlabeled part are never read);
+    for pool sources also the stage cache, the teacher before adaptation (a loadable id, its cache key and
+    kwargs: the default retrieval embedder) and the adapted teacher checkpoint (pseudo-labels)."""
 
     task: TaskData
     split: Split
+    cache: Any = None
+    teacher_id: str | None = None
+    teacher_key: str | None = None
+    teacher_kwargs: dict = field(default_factory=dict)
+    adapted: Path | None = None
+    adapted_key: str | None = None
+    gpus: float = 0.0
 
 
 @dataclass
@@ -34,12 +45,15 @@ class TransferSet:
         images: (N, H, W, C) uint8, converted to the task's channels.
         source: the source name. description: human-readable provenance.
         key: 16-hex-digit content hash (images + source settings): the teacher-output cache key part.
+        manifest: the pool-id manifest (parquet) for pool sources. info: numbers to log (counts, fractions).
     """
 
     images: np.ndarray
     source: str
     description: str
     key: str
+    manifest: Path | None = None
+    info: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -101,6 +115,14 @@ def generic(ctx: TransferContext, cfg: TransferSetConfig) -> TransferSet:
     images = _subsample(match_channels(images, c), cfg)
     return _make(images, "generic", f"{len(images)} images from pool {cfg.pool.format}:{cfg.pool.name or cfg.pool.root}",
                  cfg)
+
+
+@TRANSFER_SETS.register("retrieval")
+def retrieval(ctx: TransferContext, cfg: TransferSetConfig) -> TransferSet:
+    """Retrieval-augmented: the labeled images' nearest neighbours in a large pool (Vemulapalli et al. 2024)."""
+    from orchestrator.retrieval import retrieval_transfer_set
+
+    return retrieval_transfer_set(ctx, cfg)
 
 
 def build_transfer_set(ctx: TransferContext, cfg: TransferSetConfig) -> TransferSet:

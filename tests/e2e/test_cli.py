@@ -71,6 +71,34 @@ def test_second_run_hits_teacher_output_cache(smoke_storage):
     assert parents[-1].data.metrics["cache_hits_teacher_outputs"] == 1.0
 
 
+def test_retrieval_run_beside_its_random_control(smoke_storage, fmnist, tmp_path):
+    """`kt run` with the retrieval source on a small mixed pool: manifest logged, control arm run, the share of
+    on-task images reported for both."""
+    from tests.pools import mixed_pool_images, write_webdataset
+
+    images, keys = mixed_pool_images(fmnist.train.images[:400], 400)
+    pool = write_webdataset(tmp_path / "pool", images, keys, 400, corrupt={7})
+    r = run_kt("run", str(ROOT / "tasks" / "fashion_mnist_retrieval.yaml"), "--smoke", "--storage", str(smoke_storage),
+               "--set", f"transfer_set.retrieval.pool.root={pool}", "--set", "transfer_set.retrieval.budget=120",
+               "--set", "transfer_set.retrieval.pool.target_domain_prefix=target-")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "student (distilled on a random pool sample)" in r.stdout
+    # the smoke profile reads only the first of the pool's 2 shards (pool.max_shards=1)
+    assert "embedding 1 of 1 pool shards" in r.stderr and "skipped 1 unreadable images" in r.stderr
+    client, parents, runs = mlflow_runs(smoke_storage, "fashion_mnist_retrieval_smoke")
+    kids = children(runs, parents[-1])
+    ts, control = kids["transfer_set"].data.metrics, kids["transfer_set_random"].data.metrics
+    assert ts["size"] == 120 and ts["pool_images"] == 399 and ts["bad_images"] == 1 and control["size"] == 120
+    assert ts["target_domain_fraction"] > control["target_domain_fraction"]
+    assert kids["teacher_inference"].data.metrics["teacher_forward_passes"] == 120
+    assert {"distill_random", "evaluate_random_control"} <= set(kids)
+    m = parents[-1].data.metrics
+    assert m["retrieval_gain_over_random"] == pytest.approx(m["distilled_top1"] - m["random_control_top1"])
+    arts = {a.path for a in client.list_artifacts(parents[-1].info.run_id, "transfer_set")}
+    assert arts == {"transfer_set/manifest.parquet"}
+    assert parents[-1].data.tags["transfer_set.source"] == "retrieval"
+
+
 def test_killed_run_resumes_distillation(tmp_path):
     """SIGKILL `kt run` (and the local Ray it started) mid-distillation; the re-run resumes from the checkpoint."""
     args = [sys.executable, "-m", "orchestrator.cli", "run", str(TASK), "--smoke", "--storage", str(tmp_path),
