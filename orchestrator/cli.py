@@ -45,8 +45,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from orchestrator.ids import ModelIdError
     from orchestrator.models.teachers import ModelLoadError
     from orchestrator.registry import UnknownNameError
+    from orchestrator.stages.curate import EmptyTransferSetError
+    from orchestrator.stages.index import IndexMismatchError
 
-    return ConfigError, DataError, ModelIdError, ModelLoadError, UnknownNameError
+    return (ConfigError, DataError, ModelIdError, ModelLoadError, UnknownNameError, EmptyTransferSetError,
+            IndexMismatchError)
 
 
 @app.command()
@@ -90,6 +93,29 @@ def pretrain_teacher(task: Path = typer.Argument(..., help="task YAML whose `sta
     typer.echo(f"linear-probe top-1 (probe on {len(split.labeled)} labeled images, test split): "
                f"{info.meta['linear_probe_top1']:.4f}")
     typer.echo(f"use it as teacher id: checkpoint/{info.checkpoint}")
+
+
+@app.command("make-demo-pool")
+def make_demo_pool(task: Path = typer.Argument(..., help="task YAML whose unlabeled remainder seeds the pool"),
+                   out: Optional[Path] = typer.Option(None, "--out", help="pool dir [<storage>/pools/<task>_demo]"),
+                   set: Optional[List[str]] = SetOpt, storage: Optional[str] = StorageOpt) -> None:
+    """Build the offline demo image pool (webdataset shards): the unlabeled remainder mixed with at least as
+    many real images of other domains (glyphs, icons, photo patches, digits); a no-op if already built."""
+    _setup_logging()
+    try:
+        cfg = _load(task, set, False, storage)
+        from orchestrator.demo_pool import build_demo_pool
+        from orchestrator.pipeline import load_data
+
+        data, split, _ = load_data(cfg)
+        out = out or cfg.storage_path() / "pools" / f"{cfg.name}_demo"
+        info = build_demo_pool(out, data.train.images[split.unlabeled], seed=cfg.seed)
+    except _user_errors() as e:
+        _fail(e)
+    for domain, n in info["counts"].items():
+        typer.echo(f"{domain:>14}: {n:>7,}")
+    typer.echo(f"{'total':>14}: {info['total']:>7,} in {len(info['shards'])} shards")
+    typer.echo(f"pool: {out}")
 
 
 if __name__ == "__main__":

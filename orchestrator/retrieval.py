@@ -249,20 +249,29 @@ def curated_manifest(ctx, rcfg: RetrievalConfig, emb: Embedder, entry: Path, n: 
                        "adapted": ctx.adapted_key if rcfg.balance else None})
     hit = ctx.cache.lookup("manifests", key)
     if hit is not None:
+        import json
+
         log.info("manifest cache hit (%s)", key)
-        return load_manifest(hit / "manifest.parquet"), hit / "manifest.parquet"
+        m = load_manifest(hit / "manifest.parquet")
+        m.stats = {**json.loads((hit / "_meta.json").read_text())["stats"], "cache_hit": 1}
+        return m, hit / "manifest.parquet"
     share = per_query_share(len(labeled), rcfg.k, rcfg.budget)
     q = embed_images(load_embedder(emb.id, emb.model_kwargs), labeled.images)  # (Q, D) float32
     depth = search_depth(share, rcfg.oversample if rcfg.budget else 1.0, n)
-    while True:  # budget mode: search deeper until duplicates and balance leave enough, or the pool runs out
+    max_depth = min(n, 16 * depth)
+    while True:  # budget mode: search deeper until duplicates and balance leave enough (at most 16x deeper)
         scores, ids = search_index(index_dir, q, depth, expect={"embedder": emb.key}, nprobe=rcfg.index.nprobe,
                                    ef_search=rcfg.index.ef_search)
         m = _curate(ctx, rcfg, scores, ids, share, entry, shards)
-        if rcfg.budget is None or len(m) >= share.sum() or depth >= n:
+        if rcfg.budget is None or len(m) >= share.sum() or depth >= max_depth:
+            if len(m) < share.sum():
+                log.warning("retrieval found %d of the %d images asked for (searched %d neighbours per query): "
+                            "raise transfer_set.retrieval.dedup_threshold towards 1 (fewer images count as "
+                            "duplicates), lower the budget, or use a larger pool", len(m), share.sum(), depth)
             break
         log.info("%d of %d images after removing duplicates%s; searching %d neighbours per query instead of %d",
-                 len(m), share.sum(), " and balancing" if rcfg.balance else "", min(n, 2 * depth), depth)
-        depth = min(n, 2 * depth)
+                 len(m), share.sum(), " and balancing" if rcfg.balance else "", min(max_depth, 2 * depth), depth)
+        depth = min(max_depth, 2 * depth)
     m.stats["search_depth"] = depth
     log.info("curated %d images from %d candidates (dropped: %d exact, %d near duplicates, %d for balance)",
              len(m), m.stats["candidates"], m.stats["exact_duplicates"], m.stats["near_duplicates"],

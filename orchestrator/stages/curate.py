@@ -108,7 +108,8 @@ def curate(scores: np.ndarray, ids: np.ndarray, query_ids: np.ndarray, share: np
         query_ids: (Q,) int64. share: (Q,) int64 from :func:`per_query_share`.
         fill: False (``k`` mode): a query's share counts ranks walked, i.e. the union of its top-k minus
             duplicates. True (``budget`` mode): it counts images taken, walking deeper until the total budget
-            ``share.sum()`` is met or the lists run out.
+            ``share.sum()`` is met; what a query cannot fill (its list ran out) goes to the other queries'
+            next neighbours, round robin.
         cand_ids: (C,) int64 unique candidate ids, with cand_emb (C, D) float32 and cand_sha1 (C,) str.
         pseudo_labels: (C,) int64 teacher argmax per candidate, to balance classes (None: no balance).
 
@@ -121,34 +122,42 @@ def curate(scores: np.ndarray, ids: np.ndarray, query_ids: np.ndarray, share: np
     class_count = np.zeros(num_classes or 1, np.int64)
     used = np.zeros(len(share), np.int64)
     taken = np.zeros(len(cand_ids), bool)
+    rejected = np.zeros(len(cand_ids), bool)  # a rejection is final: taken images and class counts only grow
     sha_taken: set[str] = set()
     rows: list[tuple[int, float, int, int, int]] = []
     drops = {"exact_duplicates": 0, "near_duplicates": 0, "class_balance": 0}
-    for r in range(ids.shape[1]):
+
+    def consider(q: int, r: int) -> bool:
+        c = int(ids[q, r])
+        i = pos.get(c, -1) if c >= 0 else -1
+        if i < 0 or taken[i] or rejected[i]:
+            return False
+        reason = ("exact_duplicates" if cand_sha1[i] in sha_taken else
+                  "near_duplicates" if near is not None and taken[near[i]].any() else
+                  "class_balance" if cap and class_count[pseudo_labels[i]] >= cap else None)
+        if reason:
+            drops[reason] += 1
+            rejected[i] = True
+            return False
+        taken[i] = True
+        sha_taken.add(cand_sha1[i])
+        if cap:
+            class_count[pseudo_labels[i]] += 1
+        rows.append((c, float(scores[q, r]), int(query_ids[q]), r,
+                     int(pseudo_labels[i]) if pseudo_labels is not None else -1))
+        return True
+
+    for r in range(ids.shape[1]):  # each query's own share, nearest first
         for q in range(ids.shape[0]):
-            if used[q] >= share[q] or len(rows) >= total:
-                continue
-            c = int(ids[q, r])
-            if c < 0 or c not in pos or taken[pos[c]]:
-                used[q] += 0 if fill else 1
-                continue
-            i = pos[c]
-            if not fill:
-                used[q] += 1
-            reason = ("exact_duplicates" if cand_sha1[i] in sha_taken else
-                      "near_duplicates" if near is not None and taken[near[i]].any() else
-                      "class_balance" if cap and class_count[pseudo_labels[i]] >= cap else None)
-            if reason:
-                drops[reason] += 1
-                continue
-            taken[i] = True
-            sha_taken.add(cand_sha1[i])
-            if cap:
-                class_count[pseudo_labels[i]] += 1
-            if fill:
-                used[q] += 1
-            rows.append((c, float(scores[q, r]), int(query_ids[q]), r,
-                         int(pseudo_labels[i]) if pseudo_labels is not None else -1))
+            if used[q] < share[q] and len(rows) < total:
+                got = consider(q, r)
+                used[q] += 1 if (got or not fill) else 0
+    if fill:  # budget left by queries whose lists ran out of non-duplicates: the others' next neighbours
+        for r in range(ids.shape[1]):
+            for q in range(ids.shape[0]):
+                if len(rows) >= total:
+                    break
+                consider(q, r)
     if not rows:
         raise EmptyTransferSetError("retrieval selected no pool images (every neighbour was missing or a "
                                     "duplicate); check the pool and transfer_set.retrieval.dedup_threshold")

@@ -199,3 +199,15 @@ def test_transparent_pixels_composite_onto_white():
     im.save(buf, format="PNG")
     out = decode_image(buf.getvalue(), (4, 4), 1)
     assert out[0, 0, 0] == 0 and out[1, 1, 0] == 255
+
+
+def test_budget_a_query_cannot_fill_goes_to_the_others():
+    cand = np.arange(15, dtype=np.int64)
+    emb = np.eye(15, dtype=np.float32)
+    emb[:5] = emb[0]  # query 0's five neighbours are one image, five times (near duplicates)
+    sha = np.array([str(i) for i in range(15)], object)
+    ids = np.stack([np.r_[cand[:5], [-1] * 5], cand[5:15]])
+    m = curate(np.ones((2, 10), np.float32), ids, np.array([0, 1]), np.array([5, 5]), fill=True, cand_ids=cand,
+               cand_emb=emb, cand_sha1=sha)
+    assert len(m) == 10 and (m.query == 0).sum() == 1 and (m.query == 1).sum() == 9
+    assert m.stats["near_duplicates"] == 4

@@ -159,7 +159,7 @@ def test_transfer_sources(fmnist, tmp_path):
     pool = {"format": "image_folder", "root": str(tmp_path)}
     g = build_transfer_set(ctx, TransferSetConfig(source="generic", pool=pool))
     assert g.images.shape == (8, 28, 28, 1) and g.source == "generic"
-    with pytest.raises(UnknownNameError, match="valid choices: generic, target_unlabeled"):
+    with pytest.raises(UnknownNameError, match="valid choices: generic, retrieval, target_unlabeled"):
         build_transfer_set(ctx, TransferSetConfig(source="laion"))
     with pytest.raises(ValueError, match="needs transfer_set.pool"):
         build_transfer_set(ctx, TransferSetConfig(source="generic"))
