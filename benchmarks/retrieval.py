@@ -21,6 +21,7 @@ processes on the machine skew the timings.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import tempfile
@@ -52,11 +53,20 @@ def draw(centres: np.ndarray, weights: np.ndarray, n: int, spread: float, rng) -
     return unit(x)
 
 
+DATA_ARGS = ("n", "dim", "concepts", "centres", "spread", "shard_rows", "seed")
+
+
 def write_shards(root: Path, args) -> tuple[list[Path], np.ndarray]:
-    """Embedding shards of args.n vectors (float16) and (Q, d) float32 queries from the same mixture."""
+    """Embedding shards of args.n vectors (float16; reused when ``root`` holds the same DATA_ARGS) and
+    (Q, d) float32 queries from the same mixture."""
     from orchestrator.stages.embedding_io import pool_id, write_embedding_shard
 
     centres, weights = mixture(args.dim, args.concepts, args.centres, args.seed)
+    queries = unit(draw(centres, weights, args.queries, args.spread, np.random.default_rng(args.seed + 2))
+                   .astype(np.float16).astype(np.float32))  # same precision as the stored vectors
+    stamp, want = root / "data.json", {a: getattr(args, a) for a in DATA_ARGS}
+    if stamp.exists() and json.loads(stamp.read_text()) == want:
+        return sorted(root.glob("emb-*.parquet")), queries
     rng = np.random.default_rng(args.seed + 1)
     paths = []
     for s, start in enumerate(range(0, args.n, args.shard_rows)):
@@ -65,8 +75,7 @@ def write_shards(root: Path, args) -> tuple[list[Path], np.ndarray]:
         keys = [f"{s}/{r}" for r in range(rows)]
         paths.append(write_embedding_shard(root / f"emb-{s:05d}.parquet", pool_id(s, np.arange(rows)), keys,
                                            [""] * rows, x))
-    queries = unit(draw(centres, weights, args.queries, args.spread, np.random.default_rng(args.seed + 2))
-                   .astype(np.float16).astype(np.float32))  # same precision as the stored vectors
+    stamp.write_text(json.dumps(want))
     return paths, queries
 
 
@@ -145,17 +154,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="faiss threads (default: all cores)")
     ap.add_argument("--repeats", type=int, default=3, help="timed searches of each kind (fastest kept)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work-dir", default=None, help="keep the shards and the index here and reuse them on a "
+                    "later run with the same data flags and plan (default: a temporary directory)")
     args = ap.parse_args()
     args.load_at_start = os.getloadavg()[0]
 
     from orchestrator.stages import index as ix
 
-    tmp = Path(tempfile.mkdtemp(prefix="kt-bench-retrieval-"))
+    tmp = Path(args.work_dir or tempfile.mkdtemp(prefix="kt-bench-retrieval-"))
     try:
         with ix.faiss_threads(args.threads) as threads:  # one thread count for exact and approximate
             run(args, tmp, threads)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not args.work_dir:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run(args, tmp: Path, threads: int) -> None:
@@ -168,7 +180,10 @@ def run(args, tmp: Path, threads: int) -> None:
 
     plan = ix.plan_index(n, args.dim, int(args.memory_budget_gb * 2**30), kind=args.kind)
     meta = {"embedder": "synthetic"}
-    _, build_s = timed(ix.build_index, paths, plan, tmp / "index", meta, args.seed, threads)
+    built = (tmp / "index" / "index.json").exists() and ix.load_index_info(tmp / "index")
+    reused = bool(built) and built["plan"] == plan.to_dict() and built["n"] == n
+    if not reused:
+        ix.build_index(paths, plan, tmp / "index", meta, args.seed, threads)
     info = ix.load_index_info(tmp / "index")
     secs = info["seconds"]
     approx, rss = load_parts(tmp / "index", args.nprobe, args.ef_search)
@@ -192,7 +207,9 @@ def run(args, tmp: Path, threads: int) -> None:
     print(f"plan: kind={plan.kind} factory={plan.factory} nprobe={args.nprobe or plan.nprobe} "
           f"efSearch={args.ef_search or plan.ef_search} k_factor={plan.k_factor} parts={len(info['parts'])} "
           f"train_size={plan.train_size} (budget {args.memory_budget_gb:g} GiB per part)")
-    print(f"build: {build_s:.1f} s (train {secs['train']:.1f} s + add {secs['add']:.1f} s)")
+    note = "; index reused from --work-dir: times of its build" if reused else ""
+    train, add = secs["train"], secs["add"]
+    print(f"build: {train + add:.1f} s (train {train:.1f} s + add {add:.1f} s){note}")
     print(f"index memory: {disk} bytes serialized ({disk / n:.0f} B/vector), RSS +{rss} bytes when loaded "
           "(undercounts pages the allocator reuses); "
           f"plan estimate {plan.part_bytes(plan.rows_per_part)} bytes per part; raw float32 vectors "
