@@ -14,6 +14,18 @@ from pathlib import Path
 from typing import Iterator
 
 
+def write_atomic(path: Path, data: bytes | str) -> Path:
+    """Write ``data`` to ``path`` through a temporary sibling and a rename: readers see the old file or the
+    whole new one, never a partial write."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    if isinstance(data, str):
+        tmp.write_text(data)
+    else:
+        tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
 class Cache:
     """Stage-artifact cache.
 
@@ -75,9 +87,7 @@ class Cache:
     def complete(self, kind: str, key: str, meta: dict | None = None) -> Path:
         """Mark an :meth:`incremental` entry complete (metadata first, then the ``_COMPLETE`` marker)."""
         p = self.path(kind, key)
-        tmp = p / f".meta-{uuid.uuid4().hex[:8]}"
-        tmp.write_text(json.dumps(meta or {}, indent=1, default=str))
-        tmp.replace(p / "_meta.json")
+        write_atomic(p / "_meta.json", json.dumps(meta or {}, indent=1, default=str))
         (p / "_COMPLETE").write_text("")
         return p
 

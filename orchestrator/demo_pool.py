@@ -63,6 +63,7 @@ from pathlib import Path
 
 import numpy as np
 
+from orchestrator.cache import write_atomic
 from orchestrator.data.loaders import DataError
 
 log = logging.getLogger(__name__)
@@ -412,12 +413,6 @@ def _target_samples(images: np.ndarray) -> list[Sample]:
             for i, a in enumerate(images)]
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o444
@@ -445,7 +440,7 @@ def write_shard(path: Path, samples: list[Sample]) -> dict:
     counts = {d: sum(s.domain == d for s in samples) for d in DOMAINS}
     stats = {"count": len(samples), "successes": len(samples), "failed_to_download": 0, "failed_to_resize": 0,
              "domains": {d: c for d, c in counts.items() if c}}
-    _write_atomic(path.with_name(path.stem + "_stats.json"), json.dumps(stats, indent=1).encode())
+    write_atomic(path.with_name(path.stem + "_stats.json"), json.dumps(stats, indent=1).encode())
     return stats
 
 
@@ -544,7 +539,7 @@ def build_demo_pool(out_dir: Path, target_images: np.ndarray, other_per_target: 
             "max_per_source": MAX_PER_SOURCE, "how": _how(),
             "format": "webdataset tar shards as img2dataset writes them: {key}.png|jpg + {key}.txt + {key}.json",
             "build_seconds": round(time.time() - t0, 1), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    _write_atomic(tmp / "pool.json", json.dumps(info, indent=1).encode())
+    write_atomic(tmp / "pool.json", json.dumps(info, indent=1).encode())
     _install(tmp, out_dir)
     log.info("pool: %d samples in %d shards at %s (%.1f s)", len(samples), len(shards), out_dir, time.time() - t0)
     return info

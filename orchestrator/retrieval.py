@@ -165,29 +165,27 @@ def domain_fraction(keys: list[str], prefix: str | None) -> float | None:
     return float(np.mean([k.startswith(prefix) for k in keys]))
 
 
-def shards_for(rcfg: RetrievalConfig) -> list[PoolShard]:
-    """The pool's shards (DataError if the pool is missing or empty)."""
-    return list_shards(rcfg.pool)
-
-
 def manifest_keys(entry: Path, ids: np.ndarray) -> list[str]:
-    """Keys of ``ids`` in the same order (from the embedding shards)."""
-    order = np.argsort(ids, kind="stable")
-    _, _, keys = candidate_info(entry, ids[order])
-    out = [""] * len(ids)
-    for j, i in enumerate(order):
-        out[i] = keys[j]
-    return out
+    """Keys of ``ids`` ((N,) int64) in the same order, from the embedding shards' id and key columns only."""
+    from orchestrator.stages.embedding_io import read_embedding_shard, split_id
+
+    shard_of, _ = split_id(ids)
+    out = np.empty(len(ids), object)
+    for s in np.unique(shard_of):
+        t = read_embedding_shard(entry / f"{s:06d}.parquet", ("id", "key"))
+        sel = np.flatnonzero(shard_of == s)
+        out[sel] = t["key"][np.searchsorted(t["id"], ids[sel])]  # ids are sorted within a shard
+    return list(out)
 
 
-def save_manifest(m: Manifest, keys: list[str], shards: list[PoolShard], path: Path) -> Path:
+def save_manifest(m: Manifest, shards: list[PoolShard], path: Path) -> Path:
     """Write the manifest as parquet (id, score, query, rank, pseudo_label, key, shard) at ``path``."""
     import pyarrow.parquet as pq
 
     from orchestrator.stages.embedding_io import split_id
 
     shard_of, _ = split_id(m.id)
-    pq.write_table(m.to_table(keys, [shards[s].name for s in shard_of]), path)
+    pq.write_table(m.to_table(shards=[shards[s].name for s in shard_of]), path)
     return path
 
 
@@ -214,14 +212,14 @@ def retrieval_transfer_set(ctx, cfg):
         raise ValueError("transfer_set.source=retrieval needs a transfer_set.retrieval section with at least "
                          "pool.root and k or budget (see tasks/fashion_mnist_retrieval.yaml)")
     h, w, c = ctx.task.train.images.shape[1:]
-    shards = shards_for(rcfg)
+    shards = list_shards(rcfg.pool)
     emb = embedder_for(rcfg, ctx.teacher_id, ctx.teacher_key, ctx.teacher_kwargs)
     entry, estats = ensure_embeddings(rcfg, emb, shards, (h, w), c, ctx.cache, ctx.gpus)
     if rcfg.manifest:
         m, mpath = load_manifest(rcfg.manifest), Path(rcfg.manifest).expanduser()
     else:
         m, mpath = curated_manifest(ctx, rcfg, emb, entry, estats["pool_images"], shards)
-    keys = manifest_keys(entry, m.id)
+    keys = list(m.key) if m.key is not None else manifest_keys(entry, m.id)
     images = fetch_images(m.id, shards, rcfg, (h, w), c)
     frac = domain_fraction(keys, rcfg.pool.target_domain_prefix)
     info = {k: float(v) for k, v in {**{k: estats[k] for k in ("pool_images", "bad_images", "bad_shards")},
@@ -277,7 +275,7 @@ def curated_manifest(ctx, rcfg: RetrievalConfig, emb: Embedder, entry: Path, n: 
              len(m), m.stats["candidates"], m.stats["exact_duplicates"], m.stats["near_duplicates"],
              m.stats["class_balance"])
     with ctx.cache.write("manifests", key, {"stats": m.stats, "hash": m.content_hash()}) as tmp:
-        save_manifest(m, manifest_keys(entry, m.id), shards, tmp / "manifest.parquet")
+        save_manifest(m, shards, tmp / "manifest.parquet")
     return m, ctx.cache.path("manifests", key) / "manifest.parquet"
 
 
@@ -286,16 +284,18 @@ def _curate(ctx, rcfg: RetrievalConfig, scores: np.ndarray, ids: np.ndarray, sha
     from orchestrator.stages.curate import curate
 
     cand = np.unique(ids[ids >= 0])
-    cemb, csha, _ = candidate_info(entry, cand)
+    cemb, csha, ckeys = candidate_info(entry, cand)
     labels = None
     if rcfg.balance:
         from orchestrator.stages.teacher_outputs import teacher_logits
 
         h, w, c = ctx.task.train.images.shape[1:]
         labels = teacher_logits(str(ctx.adapted), fetch_images(cand, shards, rcfg, (h, w), c)).argmax(1)
-    return curate(scores, ids, ctx.split.labeled.astype(np.int64), share, fill=rcfg.budget is not None,
-                  cand_ids=cand, cand_emb=cemb, cand_sha1=csha, dedup_threshold=rcfg.dedup_threshold,
-                  pseudo_labels=labels, num_classes=ctx.task.num_classes)
+    m = curate(scores, ids, ctx.split.labeled.astype(np.int64), share, fill=rcfg.budget is not None,
+               cand_ids=cand, cand_emb=cemb, cand_sha1=csha, dedup_threshold=rcfg.dedup_threshold,
+               pseudo_labels=labels, num_classes=ctx.task.num_classes)
+    m.key = np.asarray(ckeys, object)[np.searchsorted(cand, m.id)]
+    return m
 
 
 def random_pool_sample(ctx, cfg, size: int):
@@ -305,7 +305,7 @@ def random_pool_sample(ctx, cfg, size: int):
 
     rcfg = cfg.retrieval
     h, w, c = ctx.task.train.images.shape[1:]
-    shards = shards_for(rcfg)
+    shards = list_shards(rcfg.pool)
     emb = embedder_for(rcfg, ctx.teacher_id, ctx.teacher_key, ctx.teacher_kwargs)
     entry, _ = ensure_embeddings(rcfg, emb, shards, (h, w), c, ctx.cache, ctx.gpus)
     pool = all_ids(entry)

@@ -64,6 +64,7 @@ class Manifest:
     rank: np.ndarray
     pseudo_label: np.ndarray
     stats: dict = field(default_factory=dict)
+    key: np.ndarray | None = None  # (N,) str: each image's key inside its pool shard, when known
 
     def __len__(self) -> int:
         return len(self.id)
@@ -76,8 +77,11 @@ class Manifest:
         return h.hexdigest()[:16]
 
     def to_table(self, keys: list[str] | None = None, shards: list[str] | None = None):
-        """As a pyarrow Table (plus ``key``/``shard`` string columns when given)."""
+        """As a pyarrow Table (plus ``key``/``shard`` string columns when given; ``keys`` defaults to
+        ``self.key``)."""
         import pyarrow as pa
+
+        keys = keys if keys is not None else (None if self.key is None else list(self.key))
 
         cols = {"id": self.id, "score": self.score, "query": self.query, "rank": self.rank,
                 "pseudo_label": self.pseudo_label}
@@ -89,7 +93,8 @@ class Manifest:
 
     @classmethod
     def from_table(cls, t) -> "Manifest":
-        return cls(*(t.column(c).to_numpy() for c in ("id", "score", "query", "rank", "pseudo_label")))
+        key = t.column("key").to_numpy(zero_copy_only=False) if "key" in t.column_names else None
+        return cls(*(t.column(c).to_numpy() for c in ("id", "score", "query", "rank", "pseudo_label")), key=key)
 
 
 def curate(scores: np.ndarray, ids: np.ndarray, query_ids: np.ndarray, share: np.ndarray, *,

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from orchestrator.cache import write_atomic
 from orchestrator.config import PoolConfig
 from orchestrator.stages.embedding_io import pool_id, write_embedding_shard
 from orchestrator.stages.pools import PoolShard, read_shard_images
@@ -81,9 +81,7 @@ class ShardEmbedder:
         write_embedding_shard(parquet, pool_id(shard.index, np.asarray(rows, np.int64)), keys,
                               pixel_hashes(images), emb)
         info = {"index": shard.index, "name": shard.name, "images": len(rows), "bad": bad}
-        tmp = stats.with_name(f".{stats.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(info))
-        tmp.replace(stats)
+        write_atomic(stats, json.dumps(info))
         return {**info, "error": ""}
 
     def __call__(self, batch: dict) -> dict:
