@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TASK ?= tasks/fashion_mnist.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup data demo test bench clean-cache
+.PHONY: setup data demo demo-retrieval test bench clean-cache
 
 $(BIN)/kt: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -28,8 +28,14 @@ demo: setup
 	$(BIN)/kt pretrain-teacher $(TASK)
 	$(BIN)/kt run $(TASK)
 
+demo-retrieval: setup
+	$(BIN)/kt pretrain-teacher $(TASK)
+	$(BIN)/kt make-demo-pool $(TASK)
+	$(BIN)/kt run tasks/fashion_mnist_retrieval.yaml
+
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python benchmarks/teacher_inference.py
+	$(BIN)/python benchmarks/retrieval.py
