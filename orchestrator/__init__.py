@@ -4,6 +4,7 @@ Public API (heavy modules load on first use)::
 
     import orchestrator
     result = orchestrator.run("tasks/fashion_mnist.yaml", overrides=["distill.epochs=5"])
+    sweep = orchestrator.sweep("search_spaces/quick.yaml", "tasks/fashion_mnist.yaml")
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ if TYPE_CHECKING:
     from orchestrator.config import PipelineConfig
     from orchestrator.pipeline import RunResult
 
-__all__ = ["run", "load_config", "PipelineConfig"]
+__all__ = ["run", "sweep", "load_config", "PipelineConfig"]
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None, smoke: bool = False) -> "PipelineConfig":
@@ -43,6 +44,25 @@ def run(config: "str | Path | dict[str, Any] | PipelineConfig", overrides: list[
     else:
         cfg = resolve_config(config, overrides, smoke, source="(python dict)")
     return _run(cfg)
+
+
+def sweep(space: "str | Path | dict[str, Any]", task: "str | Path | dict[str, Any]",
+          overrides: list[str] | None = None, space_overrides: list[str] | None = None, smoke: bool = False,
+          name: str | None = None, resume: bool = False):
+    """Run a sweep: the same funnel as ``kt sweep`` (see :func:`orchestrator.sweeps.driver.sweep`).
+
+    Args:
+        space: a search-space YAML path or dict. task: a task YAML path or dict.
+        overrides: ``key=value`` on the task (as ``--set``); space_overrides: on the space (``--space-set``).
+        name: the sweep's name; resume: continue the sweep of that name.
+    Returns:
+        SweepResult (sweep dir, MLflow parent run id, one row per trial, summary metrics).
+    Raises:
+        ConfigError for a bad space or task (naming the key), or a name clash without ``resume``.
+    """
+    from orchestrator.sweeps.driver import sweep as _sweep
+
+    return _sweep(space, task, overrides, space_overrides, smoke, name, resume)
 
 
 def __getattr__(name: str):

@@ -69,6 +69,46 @@ def run(task: Path = typer.Argument(..., help="task YAML, e.g. tasks/fashion_mni
     print_run(result)
 
 
+@app.command()
+def sweep(space: Path = typer.Argument(..., help="search space YAML, e.g. search_spaces/quick.yaml"),
+          task: Path = typer.Option(..., "--task", "-t", help="task YAML, e.g. tasks/fashion_mnist.yaml"),
+          set: Optional[List[str]] = SetOpt, smoke: bool = SmokeOpt, storage: Optional[str] = StorageOpt,
+          space_set: Optional[List[str]] = typer.Option(
+              None, "--space-set", help="override a search-space value: --space-set search.num_trials=3"),
+          name: Optional[str] = typer.Option(None, "--name", help="sweep name [<space name>-<task name>]"),
+          resume: bool = typer.Option(False, "--resume", help="continue the sweep of this name after its driver "
+                                      "was killed: finished trials are kept, unfinished and failed ones run again")
+          ) -> None:
+    """Sweep transfer-set source, loss weights and student architecture with Ray Tune + Optuna; one MLflow
+    parent run per sweep, one child run per trial, a Pareto plot and a trials CSV."""
+    _setup_logging()
+    try:
+        overrides = list(set or []) + ([f"storage={storage}"] if storage else [])
+        from orchestrator.sweeps.driver import sweep as run_sweep
+
+        result = run_sweep(space, task, overrides, list(space_set or []), smoke, name, resume)
+    except _user_errors() as e:
+        _fail(e)
+    from orchestrator.report import print_sweep_result
+
+    print_sweep_result(result)
+    if result.metrics.get("trials_failed"):
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(sweep: str = typer.Argument(..., help="sweep name (under <storage>/sweeps) or its directory"),
+           storage: str = typer.Option("kt_runs", "--storage", help="storage root the sweep ran with")) -> None:
+    """Print a sweep's Pareto table and the best configuration per compute budget."""
+    from orchestrator.report import print_sweep_dir
+
+    d = Path(sweep) if Path(sweep, "sweep.json").is_file() else Path(storage) / "sweeps" / sweep
+    if not (d / "sweep.json").is_file():
+        _fail(FileNotFoundError(f"no sweep {sweep!r}: expected {d / 'sweep.json'}; pass a sweep name from "
+                                f"{Path(storage) / 'sweeps'} or a sweep directory"))
+    print_sweep_dir(d)
+
+
 @app.command("pretrain-teacher")
 def pretrain_teacher(task: Path = typer.Argument(..., help="task YAML whose `standin` section to build"),
                      set: Optional[List[str]] = SetOpt, smoke: bool = SmokeOpt,

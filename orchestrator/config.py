@@ -9,7 +9,7 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -57,6 +57,8 @@ class LabelsConfig(Strict):
     label_fraction: float | None = Field(0.01, description="fraction in (0, 1]")
     per_class: int | None = Field(None, gt=0)
     seed: int = 0
+    val_per_class: int | None = Field(
+        None, gt=0, description="held-out labeled validation images per class (sweeps select on them)")
 
     @model_validator(mode="after")
     def _one(self):
@@ -174,13 +176,28 @@ class RetrievalConfig(Strict):
 
 
 class TransferSetConfig(Strict):
-    """The unlabeled images the teacher labels for distillation (a transfer-set source plug-in)."""
+    """The unlabeled images the teacher labels for distillation (a transfer-set source plug-in).
+
+    ``pool`` (source ``generic``): either a :class:`DatasetConfig` (``format``: ``fashion_mnist_idx``,
+    ``image_folder`` or ``torchvision``; loaded wholly into memory, labels ignored) or a large sharded
+    :class:`PoolConfig` (``format``: ``webdataset``, ``parquet`` or ``image_dir``; ``max_images`` ids drawn
+    uniformly at random with ``seed``, default the whole pool), chosen by ``format``; without ``format`` it is
+    a DatasetConfig (``fashion_mnist_idx``), as before.
+    """
 
     source: str = "target_unlabeled"
     max_images: int | None = Field(None, gt=0, description="seeded random subset of at most N images")
-    pool: DatasetConfig | None = None
+    pool: Annotated[DatasetConfig | PoolConfig, Field(discriminator="format")] | None = None
     retrieval: RetrievalConfig | None = None
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pool_format(cls, data: Any) -> Any:
+        pool = data.get("pool") if isinstance(data, dict) else None
+        if isinstance(pool, dict) and "format" not in pool:  # the union is chosen by format: keep the old default
+            data = {**data, "pool": {"format": DatasetConfig.model_fields["format"].default, **pool}}
+        return data
 
 
 class StudentConfig(Strict):
@@ -196,6 +213,9 @@ class DistillConfig(Strict):
     temperature: float = Field(4.0, gt=0)
     kd_weight: float = Field(1.0, ge=0)
     ce_weight: float = Field(0.0, ge=0, description="cross-entropy on the labeled subset, mixed in each step")
+    feature_weight: float = Field(
+        0.0, ge=0, description="feature distillation: 1 - cosine between the student's projected penultimate "
+        "features and the teacher's (the task-agnostic loss, Vemulapalli et al. 2024 Sec. 4)")
     epochs: int = Field(10, gt=0)
     batch_size: int = Field(256, gt=0)
     lr: float = Field(3e-3, gt=0)
@@ -203,6 +223,9 @@ class DistillConfig(Strict):
     augment: bool = True
     num_workers: int = Field(2, gt=0, description="Ray Train workers")
     use_gpu: bool = False
+    teacher_outputs: Literal["cached", "online"] = Field(
+        "cached", description="cached: the teacher labels each transfer image once, before training; online: "
+        "every step runs the teacher on its batch (the usual KD loop; the reference the cache is measured against)")
 
 
 class BaselineConfig(TrainConfig):

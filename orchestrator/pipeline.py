@@ -51,13 +51,20 @@ class Ctx:
     metrics: dict[str, float] = field(default_factory=dict)
     table: list[dict] = field(default_factory=list)
     teacher_flops: int = 0  # adapted teacher's forward FLOPs per image
+    adapted: Path | None = None  # adapted teacher checkpoint (online distillation loads it)
+    cpus_per_worker: float = 1.0  # Ray Train worker CPUs (a sweep trial may use fractions)
+    nested_stages: bool = True  # one nested MLflow run per stage; False: ``<stage>.<metric>`` on the current run
 
     def record(self, stage: str, compute: StageCompute, cache_hit: bool | None = None, **extra) -> None:
         info = {**compute.metrics(""), **({} if cache_hit is None else {"cache_hit": float(cache_hit)}), **extra}
         self.stages[stage] = info
-        with self.tracker.run(stage, nested=True):
-            self.tracker.metrics({k: v for k, v in info.items() if isinstance(v, (int, float))})
-        self.metrics.update({f"{stage}.{k}": v for k, v in info.items() if isinstance(v, (int, float))})
+        numbers = {k: v for k, v in info.items() if isinstance(v, (int, float))}
+        if self.nested_stages:
+            with self.tracker.run(stage, nested=True):
+                self.tracker.metrics(numbers)
+        else:
+            self.tracker.metrics({f"{stage}.{k}": v for k, v in numbers.items()})
+        self.metrics.update({f"{stage}.{k}": v for k, v in numbers.items()})
 
 
 def cached_compute(entry: Path) -> StageCompute:
@@ -73,7 +80,8 @@ def load_data(cfg: PipelineConfig) -> tuple[TaskData, Split, StageCompute]:
     """Load the task and choose its labeled subset (before any run is opened, so bad data fails fast)."""
     with Meter() as m:
         task = load_task_data(cfg.data, cfg.seed)
-        split = make_split(task.train.labels, cfg.labels.label_fraction, cfg.labels.per_class, cfg.labels.seed)
+        split = make_split(task.train.labels, cfg.labels.label_fraction, cfg.labels.per_class, cfg.labels.seed,
+                           cfg.labels.val_per_class)
     m.result.images = len(task.train) + len(task.test)
     log.info("task: %d train (%d labeled, %d unlabeled), %d test, %d classes", len(task.train),
              len(split.labeled), len(split.unlabeled), len(task.test), task.num_classes)
@@ -139,6 +147,7 @@ def stage_adapt(ctx: Ctx, teacher_id: str, teacher_key: str) -> tuple[Path, str]
     ctx.table.append({"model": teacher_id, "role": f"teacher ({cfg.teacher.adapt})", "top1": res.top1,
                       "flops": fwd, "params": _params(teacher)})
     ctx.teacher_flops = fwd
+    ctx.adapted = ckpt
     return ckpt, key
 
 
@@ -166,7 +175,11 @@ def stage_teacher_outputs(ctx: Ctx, ts, adapted: Path, adapted_key: str, stage: 
     from orchestrator.ray_adapters.data import teacher_inference
 
     cfg = ctx.cfg
-    key = config_hash({"teacher": adapted_key, "transfer_set": ts.key})
+    if cfg.distill.teacher_outputs == "online":  # the teacher's compute is counted in the distill stage
+        entry = stage_transfer_images(ctx, ts)
+        ctx.record(stage, StageCompute(), None, teacher_forward_passes=0)
+        return entry
+    key = config_hash({"teacher": adapted_key, "transfer_set": ts.key, "outputs": ["logits", "features"]})
     hit = ctx.cache.lookup("teacher_outputs", key)
     forward_passes = 0
     if hit is None:
@@ -174,12 +187,14 @@ def stage_teacher_outputs(ctx: Ctx, ts, adapted: Path, adapted_key: str, stage: 
         meta: dict = {"transfer_set": ts.description}
         with ctx.cache.write("teacher_outputs", key, meta) as tmp:
             with Meter(devices=cfg.teacher.inference_actors) as m:
-                logits = teacher_inference(str(adapted), ts.images, tmp / "shards", cfg.teacher.inference_batch_size,
-                                           cfg.teacher.inference_actors, 1.0 if ctx.device == "cuda" else 0.0)
+                logits, feats = teacher_inference(str(adapted), ts.images, tmp / "shards",
+                                                  cfg.teacher.inference_batch_size, cfg.teacher.inference_actors,
+                                                  1.0 if ctx.device == "cuda" else 0.0, features=True)
             m.result.images = forward_passes = len(ts)
             m.result.flops = ctx.teacher_flops * len(ts)
             meta["compute"] = m.result.to_dict()
             np.save(tmp / "logits.npy", logits)
+            np.save(tmp / "features.npy", feats)  # (N, D) float16: the feature loss's targets
             np.save(tmp / "images.npy", ts.images)
     else:
         log.info("teacher outputs cache hit (%s): teacher inference skipped", key)
@@ -188,14 +203,28 @@ def stage_teacher_outputs(ctx: Ctx, ts, adapted: Path, adapted_key: str, stage: 
     return entry
 
 
-def stage_distill(ctx: Ctx, outputs: Path, stage: str = "distill"):
-    """Distill on the transfer set with Ray Train. Returns the student (nn.Module) and its preprocess."""
+def stage_transfer_images(ctx: Ctx, ts) -> Path:
+    """Online distillation: only the transfer images are stored (cached by the transfer set's key); the
+    teacher runs inside every training step instead. Returns the entry dir (images.npy)."""
+    if ctx.cache.lookup("transfer_images", ts.key) is None:
+        with ctx.cache.write("transfer_images", ts.key, {"transfer_set": ts.description}) as tmp:
+            np.save(tmp / "images.npy", ts.images)
+    return ctx.cache.path("transfer_images", ts.key)
+
+
+def stage_distill(ctx: Ctx, outputs: Path, stage: str = "distill", run_name: str | None = None,
+                  storage: Path | None = None, callbacks: list | None = None, extra_metrics: dict | None = None):
+    """Distill on the transfer set with Ray Train. Returns the student (nn.Module) and its preprocess.
+
+    ``outputs``: a teacher-outputs entry (images.npy, logits.npy) or, online, a transfer-images entry.
+    ``run_name``/``storage``: the Ray Train run (default: keyed by the recipe under ``<storage>/ray_results``);
+    ``callbacks``/``extra_metrics``: passed to :func:`orchestrator.ray_adapters.train.distill_ray`."""
     import torch
 
     from orchestrator.models.preprocess import Preprocess
     from orchestrator.models.students import create_student
     from orchestrator.ray_adapters.train import distill_ray
-    from orchestrator.stages.distill import steps_per_epoch
+    from orchestrator.stages.distill import steps_per_epoch, student_state
 
     cfg, task = ctx.cfg, ctx.task
     mean, std = task.pixel_stats()
@@ -204,21 +233,27 @@ def stage_distill(ctx: Ctx, outputs: Path, stage: str = "distill"):
     labeled = task.train.subset(ctx.split.labeled)
     data_dir = ctx.run_dir / f"{stage}_data"
     data_dir.mkdir(exist_ok=True)
-    for f in ("images.npy", "logits.npy"):
+    for f in ("images.npy", "logits.npy", "features.npy"):
         (data_dir / f).unlink(missing_ok=True)
-        (data_dir / f).symlink_to(outputs / f)
+        if (outputs / f).exists():
+            (data_dir / f).symlink_to(outputs / f)
     np.savez(data_dir / "labeled.npz", images=labeled.images, labels=labeled.labels)
+    if len(ctx.split.val):
+        val = task.train.subset(ctx.split.val)
+        np.savez(data_dir / "val.npz", images=val.images, labels=val.labels)
     key = config_hash({"outputs": outputs.name, "student": cfg.student.model_dump(mode="json"),
                        "distill": cfg.distill.model_dump(mode="json"), "seed": cfg.seed, "split": ctx.split.key()})
-    n = len(np.load(outputs / "logits.npy", mmap_mode="r"))
+    n = len(np.load(outputs / "images.npy", mmap_mode="r"))
     world = cfg.distill.num_workers
     with Meter(devices=world) as m:
         state, tlog = distill_ray(
             data_dir, cfg.student.id, cfg.student.model_kwargs, task.num_classes, pre.to_dict(),
-            cfg.distill.model_dump(mode="json"), cfg.seed, ctx.cfg.storage_path() / "ray_results",
-            f"distill-{key}", world, cfg.distill.use_gpu)
+            cfg.distill.model_dump(mode="json"), cfg.seed, storage or ctx.cfg.storage_path() / "ray_results",
+            run_name or f"distill-{key}", world, cfg.distill.use_gpu, cpus_per_worker=ctx.cpus_per_worker,
+            teacher_checkpoint=str(ctx.adapted) if ctx.adapted else None, callbacks=callbacks,
+            extra_metrics=extra_metrics)
     student = create_student(cfg.student.id, task.num_classes, pre, cfg.student.model_kwargs)
-    student.load_state_dict(state)
+    student.load_state_dict(student_state(state))
     shape = (c, h, w)
     per_img = train_flops(student, shape)
     epochs = len(tlog["loss"])  # all epochs of this training, including those before a resume
@@ -226,10 +261,15 @@ def stage_distill(ctx: Ctx, outputs: Path, stage: str = "distill"):
     m.result.images = steps_per_epoch(n, cfg.distill, world) * world * per_step * epochs
     m.result.flops = per_img * m.result.images
     m.result.device_seconds = sum(tlog["seconds"]) * world
+    online = cfg.distill.teacher_outputs == "online"
+    teacher_passes = steps_per_epoch(n, cfg.distill, world) * world * cfg.distill.batch_size * epochs if online else 0
+    m.result.flops += ctx.teacher_flops * teacher_passes
     for e, loss in enumerate(tlog["loss"]):
-        ctx.tracker.metrics({f"{stage}_loss": loss}, step=e)
+        ctx.tracker.metrics({f"{stage}_loss": loss, **({f"{stage}_val_top1": tlog["val_top1"][e]}
+                                                        if len(tlog.get("val_top1", [])) > e else {})}, step=e)
     ctx.record(stage, m.result, None, epochs=epochs, resumed_at_epoch=max(tlog["starts"]),
-               restarts=len(tlog["starts"]) - 1, final_loss=tlog["loss"][-1], train_flops_per_image=per_img)
+               restarts=len(tlog["starts"]) - 1, final_loss=tlog["loss"][-1], train_flops_per_image=per_img,
+               teacher_forward_passes=teacher_passes)
     return student.to(ctx.device), pre
 
 

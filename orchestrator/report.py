@@ -28,3 +28,127 @@ def print_run(result) -> None:
     con.print(f"MLflow store: {result.tracking_uri}")
     if result.tracking_uri.startswith("sqlite:"):
         con.print(f"  view it: mlflow ui --backend-store-uri {result.tracking_uri}")
+
+
+def _fmt(v, scale: float = 1.0, spec: str = ".1f") -> str:
+    """``v / scale`` formatted with ``spec``, or an em dash when missing."""
+    return "—" if v is None else f"{v / scale:{spec}}"
+
+
+def _param_str(v) -> str:
+    """A params value, floats to 3 significant digits."""
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _short_keys(keys: list[str]) -> dict[str, str]:
+    """Dotted params keys shortened to their last part, or last two parts where the last is ambiguous."""
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    return {k: (s if last.count(s) == 1 else ".".join(k.split(".")[-2:])) for k, s in zip(keys, last)}
+
+
+def _sweep_table(title: str, varying: list[str], first: tuple[str, ...] = ()):
+    """A rich table of trials: (optional leading columns), trial, val/test top-1 %, MFLOPs/img, device-s,
+    then the params that differ between trials (shortened names)."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in (*first, "trial"):
+        t.add_column(col)
+    for col in ("val top-1 %", "test top-1 %", "MFLOPs/img", "device-s"):
+        t.add_column(col, justify="right")
+    for short in _short_keys(varying).values():
+        t.add_column(short, justify="right")
+    return t
+
+
+def _trial_cells(r: dict | None, varying: list[str]) -> list:
+    """The cells of one trial for :func:`_sweep_table` (dashes when ``r`` is None)."""
+    from rich.text import Text
+
+    if r is None:
+        return ["—"] * (5 + len(varying))
+    p = r.get("params") or {}
+    return [Text(str(r["trial_id"])), _fmt(r.get("val_top1"), 0.01, ".2f"), _fmt(r.get("test_top1"), 0.01, ".2f"),
+            _fmt(r.get("student_flops"), 1e6), _fmt(r.get("device_seconds")),
+            *(Text(_param_str(p.get(k, "—"))) for k in varying)]
+
+
+_BUDGET_UNITS = {"student_flops": ("MFLOPs/img", 1e6), "device_seconds": ("device-s", 1.0)}
+
+
+def print_sweep(rows: list[dict], objective: str = "val_top1", title: str = "", console=None) -> None:
+    """Print a sweep's results: a summary, the Pareto front against each cost in ``COSTS`` (top-1 in percent,
+    student forward MFLOPs / image, training device-seconds, the params that differ), the best configuration
+    per compute budget, and every failed trial with its error message."""
+    import sys
+
+    from rich.console import Console
+    from rich.text import Text
+
+    from orchestrator.sweeps.pareto import COSTS, best_per_budget, pareto_front, varying_params
+
+    con = console or Console(width=None if sys.stdout.isatty() else 160)  # no wrapping when piped or logged
+    count = {s: sum(r.get("status") == s for r in rows) for s in ("completed", "stopped", "error")}
+    con.print(Text(f"sweep{' ' + title if title else ''}: {len(rows)} trials: {count['completed']} completed, "
+                   f"{count['stopped']} stopped early, {count['error']} failed; objective {objective}"))
+    varying = varying_params(rows)
+    for cost, what in COSTS.items():
+        t = _sweep_table(f"Pareto front: {objective} against {what}", varying)
+        for r in pareto_front(rows, objective, cost):
+            t.add_row(*_trial_cells(r, varying))
+        con.print(t)
+    for cost, what in COSTS.items():
+        unit, scale = _BUDGET_UNITS.get(cost, (cost, 1.0))
+        t = _sweep_table(f"best configuration per compute budget ({what})", varying, (f"budget ({unit})",))
+        for b, r in best_per_budget(rows, objective, cost):
+            t.add_row(f"<= {_fmt(b, scale)}", *_trial_cells(r, varying))
+        con.print(t)
+    _print_failures(con, rows)
+
+
+def _print_failures(con, rows: list[dict]) -> None:
+    """Print every failed (status ``error``) trial with its error message."""
+    from rich.table import Table
+    from rich.text import Text
+
+    failed = [r for r in rows if r.get("status") == "error"]
+    if not failed:
+        return
+    t = Table(title=f"failed trials ({len(failed)})")
+    t.add_column("trial")
+    t.add_column("error", overflow="fold")
+    for r in failed:
+        t.add_row(Text(str(r.get("trial_id"))), Text(str(r.get("error") or "(no message)")))
+    con.print(t)
+
+
+def _mlflow_hint(con, uri: str, experiment: str, parent_run_id: str) -> None:
+    con.print(f"MLflow: experiment {experiment!r}, parent run {parent_run_id} (one child run per trial; "
+              "artifacts pareto.png, trials.csv)")
+    if uri.startswith("sqlite:"):
+        con.print(f"  open it: mlflow ui --backend-store-uri {uri}   then http://127.0.0.1:5000")
+    else:
+        con.print(f"  open it: {uri}")
+
+
+def print_sweep_dir(sweep_dir, console=None) -> None:
+    """`kt report`: the Pareto tables of a sweep directory (its ``trials/*/row.json``) and where it is in MLflow."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from orchestrator.sweeps.driver import load_rows
+
+    d = Path(sweep_dir)
+    state = json.loads((d / "sweep.json").read_text())
+    con = console or Console(width=None if sys.stdout.isatty() else 160)
+    print_sweep(load_rows(d), title=f"{state['name']} ({state.get('status', '?')})", console=con)
+    con.print(f"sweep dir: {d}  (trials.csv, pareto.png)")
+    _mlflow_hint(con, state["tracking_uri"], state["experiment"], state["parent_run_id"])
+
+
+def print_sweep_result(result, console=None) -> None:
+    """`kt sweep`'s summary: :func:`print_sweep_dir` for the finished sweep."""
+    print_sweep_dir(result.sweep_dir, console)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from orchestrator.cache import Cache
-from orchestrator.config import RetrievalConfig, config_hash
+from orchestrator.config import PoolConfig, RetrievalConfig, config_hash
 from orchestrator.data.loaders import DataError
 from orchestrator.stages.compute import Meter
 from orchestrator.stages.curate import Manifest
@@ -133,22 +133,32 @@ def candidate_info(entry: Path, cand_ids: np.ndarray) -> tuple[np.ndarray, np.nd
     return np.concatenate(embs), np.asarray(sha1, object), keys
 
 
-def fetch_images(ids: np.ndarray, shards: list[PoolShard], rcfg: RetrievalConfig, size: tuple[int, int],
-                 channels: int) -> np.ndarray:
+def fetch_images(ids: np.ndarray, shards: list[PoolShard], pool: PoolConfig, size: tuple[int, int],
+                 channels: int, skip_unreadable: bool = False, with_keys: bool = False):
     """Decode the pool images ``ids`` ((N,) int64) -> (N, H, W, C) uint8 in the same order, reading only the
-    shards that hold them. Raises DataError if one is no longer readable (the pool changed)."""
+    shards that hold them. Raises DataError if one is no longer readable (the pool changed), unless
+    ``skip_unreadable``: then those ids are dropped with a warning. With ``with_keys`` returns (the ids kept
+    (M,) int64, their keys, images (M, H, W, C)) instead of the images alone."""
     from orchestrator.stages.embedding_io import pool_id, split_id
 
+    ids = np.asarray(ids, np.int64)
     shard_of, row_of = split_id(ids)
-    by_id: dict[int, np.ndarray] = {}
+    by_id: dict[int, tuple[str, np.ndarray]] = {}
     for s in np.unique(shard_of):
-        rows, _, images, _ = read_shard_images(shards[s], rcfg.pool, size, channels, set(row_of[shard_of == s].tolist()))
-        by_id.update(zip(pool_id(int(s), np.asarray(rows, np.int64)).tolist(), images))
-    missing = [int(i) for i in ids if int(i) not in by_id]
-    if missing:
-        raise DataError(f"{len(missing)} manifest images can no longer be read from pool {rcfg.pool.root} "
-                        "(it changed since it was embedded); rebuild the manifest")
-    return np.stack([by_id[int(i)] for i in ids])
+        rows, keys, images, _ = read_shard_images(shards[s], pool, size, channels,
+                                                  set(row_of[shard_of == s].tolist()))
+        by_id.update(zip(pool_id(int(s), np.asarray(rows, np.int64)).tolist(), zip(keys, images)))
+    found = np.asarray([int(i) in by_id for i in ids], bool)
+    if not found.all():
+        if not skip_unreadable:
+            raise DataError(f"{int((~found).sum())} manifest images can no longer be read from pool {pool.root} "
+                            "(it changed since it was embedded); rebuild the manifest")
+        log.warning("pool %s: skipped %d of %d images that no longer decode", pool.root, int((~found).sum()),
+                    len(ids))
+        ids = ids[found]
+    got = [by_id[int(i)] for i in ids]
+    images = np.stack([g[1] for g in got]) if got else np.zeros((0, *size, channels), np.uint8)
+    return (ids, [g[0] for g in got], images) if with_keys else images
 
 
 def all_ids(entry: Path) -> np.ndarray:
@@ -220,7 +230,7 @@ def retrieval_transfer_set(ctx, cfg):
     else:
         m, mpath = curated_manifest(ctx, rcfg, emb, entry, estats["pool_images"], shards)
     keys = list(m.key) if m.key is not None else manifest_keys(entry, m.id)
-    images = fetch_images(m.id, shards, rcfg, (h, w), c)
+    images = fetch_images(m.id, shards, rcfg.pool, (h, w), c)
     frac = domain_fraction(keys, rcfg.pool.target_domain_prefix)
     info = {k: float(v) for k, v in {**{k: estats[k] for k in ("pool_images", "bad_images", "bad_shards")},
                                       **m.stats}.items() if isinstance(v, (int, float))}
@@ -290,7 +300,7 @@ def _curate(ctx, rcfg: RetrievalConfig, scores: np.ndarray, ids: np.ndarray, sha
         from orchestrator.stages.teacher_outputs import teacher_logits
 
         h, w, c = ctx.task.train.images.shape[1:]
-        labels = teacher_logits(str(ctx.adapted), fetch_images(cand, shards, rcfg, (h, w), c)).argmax(1)
+        labels = teacher_logits(str(ctx.adapted), fetch_images(cand, shards, rcfg.pool, (h, w), c)).argmax(1)
     m = curate(scores, ids, ctx.split.labeled.astype(np.int64), share, fill=rcfg.budget is not None,
                cand_ids=cand, cand_emb=cemb, cand_sha1=csha, dedup_threshold=rcfg.dedup_threshold,
                pseudo_labels=labels, num_classes=ctx.task.num_classes)
@@ -317,5 +327,5 @@ def random_pool_sample(ctx, cfg, size: int):
         info["target_domain_fraction"] = frac
     key = config_hash({"random": [int(cfg.seed), len(ids), hashlib.sha256(ids.tobytes()).hexdigest()],
                        "pool": pool_fingerprint(rcfg.pool, shards), "hwc": [h, w, c]})
-    return TransferSet(fetch_images(ids, shards, rcfg, (h, w), c), "random_pool_sample",
+    return TransferSet(fetch_images(ids, shards, rcfg.pool, (h, w), c), "random_pool_sample",
                        f"{len(ids)} pool images drawn at random from {rcfg.pool.root}", key, info=info)

@@ -29,7 +29,7 @@ class StandinInfo:
 def standin_key(cfg: PipelineConfig, task: TaskData, split: Split) -> str:
     """Cache key: stand-in settings + content of the unlabeled images it trains on."""
     return config_hash({"standin": cfg.standin.model_dump(mode="json"),
-                        "images": task.train.subset(split.unlabeled).content_hash()})
+                        "images": task.train.subset(split.without_labels()).content_hash()})
 
 
 def ensure_standin(cfg: PipelineConfig, task: TaskData, split: Split, cache: Cache,
@@ -46,7 +46,7 @@ def ensure_standin(cfg: PipelineConfig, task: TaskData, split: Split, cache: Cac
         log.warning("using cached %s (linear probe top-1 %.4f)", meta["provenance"], meta["linear_probe_top1"])
         return StandinInfo(hit / "teacher.pt", meta, True)
     mean, std = task.pixel_stats()
-    unlabeled = task.train.images[split.unlabeled]
+    unlabeled = task.train.images[split.without_labels()]  # a validation subset's labels are not used either
     with Meter() as m:
         teacher = pretrain_standin(unlabeled, cfg.standin, mean, std, device)
     probe = adapt_teacher(teacher, task.train.subset(split.labeled), task.num_classes,

@@ -48,10 +48,12 @@ class Tracker:
             self.experiment_id = exp.experiment_id
 
     @contextmanager
-    def run(self, name: str, nested: bool = False, tags: dict | None = None) -> Iterator[Any]:
-        """Start a (nested) run; yields the mlflow ActiveRun. A failure marks the run FAILED."""
-        with self.mlflow.start_run(run_name=name, experiment_id=self.experiment_id, nested=nested,
-                                   tags=tags) as r:
+    def run(self, name: str, nested: bool = False, tags: dict | None = None, run_id: str | None = None
+            ) -> Iterator[Any]:
+        """Start a (nested) run, or reopen run ``run_id``; yields the mlflow ActiveRun. A failure marks the run
+        FAILED."""
+        with self.mlflow.start_run(run_id=run_id, run_name=None if run_id else name,
+                                   experiment_id=self.experiment_id, nested=nested, tags=tags) as r:
             yield r
 
     def params(self, params: dict) -> None:
@@ -69,3 +71,26 @@ class Tracker:
 
     def tags(self, tags: dict[str, str]) -> None:
         self.mlflow.set_tags(tags)
+
+
+class NullTracker:
+    """A Tracker that records nothing: stages run inside a sweep trial, whose MLflow run is written by the
+    sweep driver from the trial's reports."""
+
+    uri = ""
+
+    @contextmanager
+    def run(self, name: str, nested: bool = False, tags: dict | None = None) -> Iterator[None]:
+        yield None
+
+    def params(self, params: dict) -> None:
+        pass
+
+    def metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def artifact(self, path: str | Path, subdir: str | None = None) -> None:
+        pass
+
+    def tags(self, tags: dict[str, str]) -> None:
+        pass

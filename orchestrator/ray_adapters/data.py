@@ -36,12 +36,13 @@ def order_logits(index: np.ndarray, logits: np.ndarray, n: int, where: str) -> n
 
 
 def teacher_inference(checkpoint: str, images: np.ndarray, out_dir: Path, batch_size: int = 512,
-                      actors: int = 2, gpus_per_actor: float = 0.0) -> np.ndarray:
+                      actors: int = 2, gpus_per_actor: float = 0.0, features: bool = False):
     """Run the adapted teacher over ``images`` ((N, H, W, C) uint8) with a Ray Data actor pool.
 
     Each of ``actors`` actors loads the checkpoint once (1 CPU and ``gpus_per_actor`` GPUs each) and maps
     batches of ``batch_size``. Results stream back to the driver, which writes them to ``out_dir`` as parquet
-    shards of ``(index, logits)`` (no Write tasks compete with the actors for CPUs). Returns (N, K) float32.
+    shards of ``(index, logits)`` (no Write tasks compete with the actors for CPUs). Returns (N, K) float32
+    logits, or with ``features`` the pair (logits, (N, D) float16 penultimate features).
     """
     import ray
 
@@ -50,11 +51,24 @@ def teacher_inference(checkpoint: str, images: np.ndarray, out_dir: Path, batch_
     ensure_ray()
     ds = images_dataset(images, blocks=max(actors * 4, len(images) // 4096))
     out = ds.map_batches(
-        TeacherPredictor, fn_constructor_kwargs={"checkpoint": checkpoint, "num_threads": 1},
+        TeacherPredictor, fn_constructor_kwargs={"checkpoint": checkpoint, "num_threads": 1, "features": features},
         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=batch_size, batch_format="numpy",
         num_cpus=1, num_gpus=gpus_per_actor)
-    index, logits = write_shards(out.iter_batches(batch_size=None, batch_format="numpy"), out_dir)
-    return order_logits(index, logits, len(images), str(out_dir))
+    feats: list[np.ndarray] = []
+
+    def batches():  # features stay in memory (float16); the shards hold (index, logits)
+        for b in out.iter_batches(batch_size=None, batch_format="numpy"):
+            if features:
+                feats.append(b.pop("features"))
+            yield b
+
+    index, logits = write_shards(batches(), out_dir)
+    ordered = order_logits(index, logits, len(images), str(out_dir))
+    if not features:
+        return ordered
+    f = np.empty((len(images), feats[0].shape[1]), np.float16)  # (N, D) float16
+    f[index] = np.concatenate(feats)
+    return ordered, f
 
 
 def write_shards(batches, out_dir: Path, rows_per_shard: int = 65536) -> tuple[np.ndarray, np.ndarray]:

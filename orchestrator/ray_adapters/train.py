@@ -26,7 +26,8 @@ def _train_fn(config: dict) -> None:
     from orchestrator.models.preprocess import Preprocess
     from orchestrator.models.students import create_student
     from orchestrator.stages.distill import (DistillData, distill_epoch, load_state, make_optimizer, new_log,
-                                             save_state)
+                                             FeatureStudent, online_teacher, save_state)
+    from orchestrator.stages.evaluate import evaluate
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -36,10 +37,23 @@ def _train_fn(config: dict) -> None:
     pre = Preprocess.from_dict(config["preprocess"])
     d = Path(config["data_dir"])
     lab = np.load(d / "labeled.npz")
-    data = DistillData(np.load(d / "images.npy", mmap_mode="r"), np.load(d / "logits.npy", mmap_mode="r"),
-                       ImageSet(lab["images"], lab["labels"]))
+    online = cfg.teacher_outputs == "online"
+    use_feat = cfg.feature_weight > 0
+    data = DistillData(np.load(d / "images.npy", mmap_mode="r"),
+                       None if online else np.load(d / "logits.npy", mmap_mode="r"),
+                       ImageSet(lab["images"], lab["labels"]),
+                       online_teacher(config["teacher_checkpoint"], device) if online else None,
+                       np.load(d / "features.npy", mmap_mode="r") if use_feat and not online else None)
+    val = None
+    if rank == 0 and (d / "val.npz").is_file():  # held-out labeled images: per-epoch model selection metric
+        v = np.load(d / "val.npz")
+        val = ImageSet(v["images"], v["labels"])
     torch.manual_seed(config["seed"])
-    model = create_student(config["student"], config["num_classes"], pre, config["model_kwargs"]).to(device)
+    model = create_student(config["student"], config["num_classes"], pre, config["model_kwargs"])
+    if use_feat:  # the projection's width: the teacher's feature dimension
+        dim = data.teacher(np.asarray(data.images[:1]))[1].shape[1] if online else data.teacher_features.shape[1]
+        model = FeatureStudent(model, int(dim))
+    model = model.to(device)
     opt, sched = make_optimizer(model, cfg, len(data.images), world)
     start, log = 0, new_log()
     ck = ray.train.get_checkpoint()
@@ -58,14 +72,21 @@ def _train_fn(config: dict) -> None:
         seconds = time.perf_counter() - t0
         log["loss"].append(loss)
         log["seconds"].append(seconds)
+        metrics = {**config.get("extra_metrics", {}), "epoch": epoch + 1, "loss": loss, "epoch_seconds": seconds,
+                   "device_seconds": sum(log["seconds"]) * world}
+        if val is not None:
+            net = model.student if use_feat else model
+            metrics["val_top1"] = evaluate(net, pre, val, config["num_classes"], device=str(device)).top1
+            log.setdefault("val_top1", []).append(metrics["val_top1"])
         if rank == 0:
-            print(f"[kt] distill epoch {epoch + 1}/{cfg.epochs}: loss {loss:.4f} ({seconds:.0f} s)", flush=True)
+            shown = f", val top-1 {metrics['val_top1']:.4f}" if val is not None else ""
+            print(f"[kt] distill epoch {epoch + 1}/{cfg.epochs}: loss {loss:.4f}{shown} ({seconds:.0f} s)", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
                 save_state(Path(tmp) / "state.pt", model, opt, sched, epoch, log)
                 ckpt = Checkpoint.from_directory(tmp)
-            ray.train.report({"epoch": epoch, "loss": loss, "epoch_seconds": seconds}, checkpoint=ckpt)
+            ray.train.report(metrics, checkpoint=ckpt)
         if epoch == fault and not marker.exists():
             time.sleep(2)  # let the controller register the checkpoint just reported
             if rank == 0:
@@ -75,16 +96,23 @@ def _train_fn(config: dict) -> None:
 
 def distill_ray(data_dir: Path, student: str, model_kwargs: dict, num_classes: int, preprocess: dict,
                 distill: dict, seed: int, storage_path: Path, name: str, num_workers: int, use_gpu: bool,
-                cpus_per_worker: float = 1.0, fault_after_epoch: int = -1):
+                cpus_per_worker: float = 1.0, fault_after_epoch: int = -1, teacher_checkpoint: str | None = None,
+                callbacks: list | None = None, extra_metrics: dict | None = None):
     """Distill with a TorchTrainer of ``num_workers`` workers.
 
     Args:
-        data_dir: holds images.npy ((N, H, W, C) uint8), logits.npy ((N, K) float32), labeled.npz.
+        data_dir: holds images.npy ((N, H, W, C) uint8), logits.npy ((N, K) float32; not read when
+            ``distill["teacher_outputs"] == "online"``), labeled.npz, and optionally val.npz (held-out labeled
+            images: rank 0 reports ``val_top1`` after every epoch).
         name, storage_path: the Ray Train run identity; the same pair resumes from its latest checkpoint.
+        teacher_checkpoint: the adapted teacher (kt-model/1 file), loaded by every worker in online mode.
+        callbacks: Ray Train callbacks, e.g. Tune's TuneReportCallback inside a sweep trial.
+        extra_metrics: constants added to every epoch's report (e.g. the student's FLOPs for a sweep).
         fault_after_epoch: tests only: every worker process exits after this epoch's checkpoint (first start).
     Returns:
-        (state_dict of the student, training log: per-epoch "loss" and rank-0 "seconds", and "starts", the
-        epoch each (re)start began at: more than one entry means the run resumed from a checkpoint).
+        (state_dict of the student, training log: per-epoch "loss", rank-0 "seconds" and (with val.npz)
+        "val_top1", and "starts", the epoch each (re)start began at: more than one entry means the run
+        resumed from a checkpoint).
     Raises:
         ray.train.TrainingFailedError after the worker retries run out.
     """
@@ -99,13 +127,14 @@ def distill_ray(data_dir: Path, student: str, model_kwargs: dict, num_classes: i
         _train_fn,
         train_loop_config=dict(data_dir=str(data_dir), student=student, model_kwargs=model_kwargs,
                                num_classes=num_classes, preprocess=preprocess, distill=distill, seed=seed,
-                               threads_per_worker=max(1, int(cpus_per_worker)), fault_after_epoch=fault_after_epoch),
+                               threads_per_worker=max(1, int(cpus_per_worker)), fault_after_epoch=fault_after_epoch,
+                               teacher_checkpoint=teacher_checkpoint, extra_metrics=extra_metrics or {}),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=str(storage_path),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=1)),
+                             failure_config=FailureConfig(max_failures=1), callbacks=callbacks or []),
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as cd:

@@ -31,18 +31,62 @@ class DistillData:
 
     Attributes:
         images: (N, H, W, C) uint8 transfer-set images (may be a read-only memmap).
-        teacher_logits: (N, K) float32 cached adapted-teacher logits for the same images.
+        teacher_logits: (N, K) float32 cached adapted-teacher logits for the same images, or None with ``teacher``.
         labeled: the labeled subset (used only when ``ce_weight > 0``).
+        teacher: online mode: maps a (B, H, W, C) uint8 batch to ((B, K) logits, (B, D) features), float32 on
+            the training device (the teacher applies its own preprocessing), run on every step instead of
+            reading ``teacher_logits``/``teacher_features``.
+        teacher_features: (N, D) float16 cached teacher features (needed when ``feature_weight > 0``).
     """
 
     images: np.ndarray
-    teacher_logits: np.ndarray
+    teacher_logits: np.ndarray | None
     labeled: ImageSet | None = None
+    teacher: Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]] | None = None
+    teacher_features: np.ndarray | None = None
 
 
 def steps_per_epoch(n: int, cfg: DistillConfig, world: int = 1) -> int:
     """Optimizer steps per epoch for N transfer images on ``world`` workers."""
     return max(1, math.ceil(n / (cfg.batch_size * world)))
+
+
+class FeatureStudent(nn.Module):
+    """A timm student plus a linear projection of its penultimate features to the teacher's width, for the
+    feature loss. ``forward`` (B, C, H, W) -> ((B, K) logits, (B, D_teacher) projected features)."""
+
+    def __init__(self, student: nn.Module, teacher_dim: int):
+        super().__init__()
+        self.student = student
+        self.proj = nn.Linear(student.num_features, teacher_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.student.forward_head(self.student.forward_features(x), pre_logits=True)  # (B, F) float32
+        return self.student.get_classifier()(f), self.proj(f)
+
+
+def student_state(state: dict) -> dict:
+    """The student's own state dict from a (possibly :class:`FeatureStudent`) training state."""
+    if not any(k.startswith("student.") for k in state):
+        return state
+    return {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
+
+
+def online_teacher(checkpoint: str | Path, device: str = "cpu"
+                   ) -> Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]:
+    """Load an adapted-teacher checkpoint for online distillation: returns ``f(images)`` mapping (B, H, W, C)
+    uint8 to ((B, K) logits, (B, D) features), float32 on ``device`` (eval mode, no gradients, the teacher's
+    own preprocessing)."""
+    from orchestrator.models.teachers import load_model_checkpoint
+
+    teacher = load_model_checkpoint(checkpoint).to(device).eval()
+
+    @torch.no_grad()  # not inference_mode: the outputs are used as targets in an autograd graph
+    def run(images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        f = teacher.features(teacher.preprocess(images).to(device))  # (B, D) float32
+        return teacher.head(f).float(), f.float()
+
+    return run
 
 
 def make_optimizer(model: nn.Module, cfg: DistillConfig, n: int, world: int = 1):
@@ -56,21 +100,34 @@ def distill_epoch(model: nn.Module, opt, sched, data: DistillData, preprocess: P
                   epoch: int, seed: int = 0, rank: int = 0, world: int = 1, device: str = "cpu") -> float:
     """One epoch of rank ``rank``'s share of the transfer set. Returns the mean loss (float).
 
-    loss = kd_weight * kd_kl(student, teacher, T) + ce_weight * CE(student(labeled), labels).
+    loss = kd_weight * kd_kl(student, teacher, T) + ce_weight * CE(student(labeled), labels)
+           + feature_weight * (1 - cos(proj(student features), teacher features)).
+    With ``feature_weight > 0`` the model is a :class:`FeatureStudent` (it returns logits and features).
     """
     model.train()
-    kd, ce = LOSSES.get("kd_kl"), LOSSES.get("ce")
-    t_logits = data.teacher_logits
+    kd, ce, feat = LOSSES.get("kd_kl"), LOSSES.get("ce"), LOSSES.get("feature_cosine")
+    use_feat = cfg.feature_weight > 0
     lab_rng = np.random.default_rng([seed, epoch, rank, 7])
     losses = []
     for idx in batch_indices(len(data.images), cfg.batch_size, seed, epoch, rank, world):
         x = model_input(data.images, idx, preprocess, cfg.augment, device)  # (B, C, H, W) float32
-        t = torch.from_numpy(np.array(t_logits[idx], dtype=np.float32)).to(device)  # (B, K) float32
-        loss = cfg.kd_weight * kd(model(x), t, cfg.temperature)
+        if data.teacher is not None:
+            t, tf = data.teacher(np.asarray(data.images[idx]))  # (B, K), (B, D): a teacher forward every step
+        else:
+            t = torch.from_numpy(np.array(data.teacher_logits[idx], dtype=np.float32)).to(device)  # (B, K)
+            tf = (torch.from_numpy(np.array(data.teacher_features[idx], dtype=np.float32)).to(device)
+                  if use_feat else None)  # (B, D) float32
+        out = model(x)
+        logits, sf = out if use_feat else (out, None)
+        loss = cfg.kd_weight * kd(logits, t, cfg.temperature)
+        if use_feat:
+            loss = loss + cfg.feature_weight * feat(sf, tf)
         if cfg.ce_weight > 0 and data.labeled is not None:
             li = lab_rng.choice(len(data.labeled), size=min(cfg.batch_size, len(data.labeled)), replace=False)
             xl = model_input(data.labeled.images, li, preprocess, cfg.augment, device)
-            loss = loss + cfg.ce_weight * ce(model(xl), torch.from_numpy(data.labeled.labels[li]).to(device))
+            out_l = model(xl)
+            loss = loss + cfg.ce_weight * ce(out_l[0] if use_feat else out_l,
+                                             torch.from_numpy(data.labeled.labels[li]).to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

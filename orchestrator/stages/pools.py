@@ -63,8 +63,9 @@ def pool_fingerprint(cfg: PoolConfig, shards: list[PoolShard]) -> str:
     return h.hexdigest()[:16]
 
 
-def _tar_records(path: str) -> Iterator[tuple[str, bytes | None]]:
-    """WebDataset convention: members ``<key>.<ext>`` grouped by key (the basename up to its first dot)."""
+def _tar_records(path: str, read: bool = True) -> Iterator[tuple[str, bytes | None]]:
+    """WebDataset convention: members ``<key>.<ext>`` grouped by key (the basename up to its first dot).
+    ``read=False`` yields None for the bytes (the stream skips the member's data)."""
     with tarfile.open(path, "r|*") as tar:
         for m in tar:
             if not m.isfile():
@@ -72,11 +73,11 @@ def _tar_records(path: str) -> Iterator[tuple[str, bytes | None]]:
             d, _, base = m.name.rpartition("/")
             stem, dot, ext = base.partition(".")
             if f".{ext.lower()}" in IMAGE_EXTS:
-                f = tar.extractfile(m)
+                f = tar.extractfile(m) if read else None
                 yield (f"{d}/{stem}" if d else stem), (f.read() if f else None)
 
 
-def _parquet_records(path: str, image_column: str, key_column: str | None) -> Iterator[tuple[str, bytes | None]]:
+def _parquet_file(path: str, image_column: str):
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path)
@@ -84,6 +85,12 @@ def _parquet_records(path: str, image_column: str, key_column: str | None) -> It
     if image_column not in names:
         raise DataError(f"parquet pool shard {path} has no column {image_column!r} (columns: {names}); "
                         "set transfer_set.retrieval.pool.image_column")
+    return pf
+
+
+def _parquet_records(path: str, image_column: str, key_column: str | None) -> Iterator[tuple[str, bytes | None]]:
+    pf = _parquet_file(path, image_column)
+    names = pf.schema_arrow.names
     cols = [image_column] + ([key_column] if key_column and key_column in names else [])
     row = 0
     for batch in pf.iter_batches(columns=cols, batch_size=1024):
@@ -109,6 +116,40 @@ def iter_records(shard: PoolShard, cfg: PoolConfig) -> Iterator[tuple[str, bytes
             except OSError:
                 data = None
             yield str(Path(f).relative_to(root)), data
+
+
+def count_records(shard: PoolShard, cfg: PoolConfig) -> int:
+    """The number of records :func:`iter_records` yields for ``shard`` (unreadable images included, so rows
+    match pool ids), without reading image bytes: tar headers, parquet metadata, or the file list.
+    Raises DataError if the shard itself is unreadable."""
+    try:
+        if cfg.format == "webdataset":
+            return sum(1 for _ in _tar_records(shard.files[0], read=False))
+        if cfg.format == "parquet":
+            return _parquet_file(shard.files[0], cfg.image_column).metadata.num_rows
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - tarfile/pyarrow/OSError: the shard is unreadable
+        raise DataError(f"pool shard {shard.name} in {cfg.root} is unreadable ({type(e).__name__}: {e}); "
+                        "fix or remove it") from None
+    return len(shard.files)
+
+
+def sample_pool_ids(cfg: PoolConfig, shards: list[PoolShard], n: int | None, seed: int,
+                    counts: list[int] | None = None) -> np.ndarray:
+    """``n`` pool ids drawn uniformly without replacement (``np.random.default_rng(seed)``) from every record
+    of ``shards``; all of them when ``n`` is None or at least the pool size. Needs no embeddings: records are
+    counted by :func:`count_records` (or given as ``counts``, one per shard). Returns (n,) int64, sorted."""
+    from orchestrator.stages.embedding_io import pool_id
+
+    counts = np.asarray([count_records(s, cfg) for s in shards] if counts is None else counts, np.int64)
+    total = int(counts.sum())
+    flat = np.arange(total, dtype=np.int64) if n is None or n >= total else \
+        np.sort(np.random.default_rng(seed).choice(total, n, replace=False).astype(np.int64))
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    pos = np.searchsorted(starts, flat, side="right") - 1  # position in ``shards`` of each drawn record
+    index = np.asarray([s.index for s in shards], np.int64)
+    return np.sort(pool_id(index[pos], flat - starts[pos])) if total else np.zeros(0, np.int64)
 
 
 def decode_image(data: bytes | None, size: tuple[int, int], channels: int) -> np.ndarray | None:

@@ -11,7 +11,8 @@ import torch
 
 class TeacherPredictor:
     """Load a teacher checkpoint once; map batches ``{"image": (B, H, W, C) uint8, "index": (B,) int64}`` to
-    ``{"index": (B,) int64, "logits": (B, K) float32}``.
+    ``{"index": (B,) int64, "logits": (B, K) float32}`` (plus ``"features": (B, D) float16``
+    with ``features``).
 
     Args:
         checkpoint: path of a ``kt-model/1`` file with a task head (written after adaptation).
@@ -19,19 +20,25 @@ class TeacherPredictor:
         num_threads: torch intra-op threads for this worker (CPU).
     """
 
-    def __init__(self, checkpoint: str, device: str | None = None, num_threads: int | None = None):
+    def __init__(self, checkpoint: str, device: str | None = None, num_threads: int | None = None,
+                 features: bool = False):
         from orchestrator.models.teachers import load_model_checkpoint
 
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.teacher = load_model_checkpoint(checkpoint).to(self.device).eval()
+        self.features = features
 
     @torch.inference_mode()
     def __call__(self, batch: dict) -> dict:
         x = self.teacher.preprocess(np.asarray(batch["image"])).to(self.device)  # (B, C, H, W) float32
-        logits = self.teacher(x).float().cpu().numpy()  # (B, K) float32
-        return {"index": np.asarray(batch["index"], np.int64), "logits": logits}
+        f = self.teacher.features(x)  # (B, D) float32
+        out = {"index": np.asarray(batch["index"], np.int64),
+               "logits": self.teacher.head(f).float().cpu().numpy()}  # (B, K) float32
+        if self.features:
+            out["features"] = f.half().cpu().numpy()  # (B, D) float16: targets of the feature loss
+        return out
 
 
 def teacher_logits(checkpoint: str, images: np.ndarray, batch_size: int = 512) -> np.ndarray:

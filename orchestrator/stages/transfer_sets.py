@@ -1,8 +1,8 @@
 """Transfer-set sources (a plug-in kind): where the unlabeled images the teacher labels come from.
 
 A source is ``fn(ctx: TransferContext, cfg: TransferSetConfig) -> TransferSet``. ``target_unlabeled`` uses the
-task's unlabeled remainder; ``generic`` any other image pool; ``retrieval`` curates a pool by kNN search with
-the labeled images as queries (:mod:`orchestrator.retrieval`).
+task's unlabeled remainder; ``generic`` any other image pool (a dataset, or a random sample of a sharded
+pool); ``retrieval`` curates a pool by kNN search with the labeled images as queries (:mod:`orchestrator.retrieval`).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from orchestrator.config import TransferSetConfig
+from orchestrator.config import PoolConfig, TransferSetConfig
 from orchestrator.data.images import ImageSet, TaskData
 from orchestrator.data.loaders import load_task_data
 from orchestrator.data.splits import Split
@@ -97,11 +97,15 @@ def match_channels(images: np.ndarray, channels: int) -> np.ndarray:
 
 @TRANSFER_SETS.register("generic")
 def generic(ctx: TransferContext, cfg: TransferSetConfig) -> TransferSet:
-    """Any other image pool (``transfer_set.pool``, a dataset config; its labels are ignored), resized to the
-    task's image size and converted to its channels."""
+    """Any other image pool (``transfer_set.pool``), resized to the task's image size and converted to its
+    channels: a dataset config (loaded wholly; its labels are ignored) or a sharded pool config (the paper's
+    generic transfer set: ``max_images`` images drawn uniformly at random, see :func:`_generic_pool`)."""
     if cfg.pool is None:
         raise ValueError("transfer_set.source=generic needs transfer_set.pool (a dataset config, e.g. "
-                         "{format: torchvision, name: MNIST} or {format: image_folder, root: ...})")
+                         "{format: torchvision, name: MNIST} or {format: image_folder, root: ...}, or a sharded "
+                         "pool, e.g. {format: webdataset, root: ...})")
+    if isinstance(cfg.pool, PoolConfig):
+        return _generic_pool(ctx, cfg)
     pool = load_task_data(cfg.pool)
     images = pool.train.images
     h, w, c = ctx.task.train.images.shape[1:]
@@ -115,6 +119,34 @@ def generic(ctx: TransferContext, cfg: TransferSetConfig) -> TransferSet:
     images = _subsample(match_channels(images, c), cfg)
     return _make(images, "generic", f"{len(images)} images from pool {cfg.pool.format}:{cfg.pool.name or cfg.pool.root}",
                  cfg)
+
+
+def _generic_pool(ctx: TransferContext, cfg: TransferSetConfig) -> TransferSet:
+    """``transfer_set.max_images`` (default: all) ids drawn uniformly with ``transfer_set.seed`` from every
+    record of the sharded pool (no embeddings needed), decoded at the task's size and channels; images that no
+    longer decode are dropped with a warning. Keyed by the ids, the pool's fingerprint, (H, W, C) and seed."""
+    from orchestrator.config import config_hash
+    from orchestrator.retrieval import domain_fraction, fetch_images
+    from orchestrator.stages.pools import count_records, list_shards, pool_fingerprint, sample_pool_ids
+
+    pool = cfg.pool
+    h, w, c = ctx.task.train.images.shape[1:]
+    shards = list_shards(pool)
+    counts = [count_records(s, pool) for s in shards]
+    drawn = sample_pool_ids(pool, shards, cfg.max_images, cfg.seed, counts=counts)
+    ids, keys, images = fetch_images(drawn, shards, pool, (h, w), c, skip_unreadable=True, with_keys=True)
+    if len(ids) == 0:
+        raise ValueError(f"transfer set 'generic' is empty: pool {pool.root} holds no readable images; check "
+                         "transfer_set.pool")
+    info = {"pool_images": float(sum(counts)), "bad_images": float(len(drawn) - len(ids))}
+    frac = domain_fraction(keys, pool.target_domain_prefix)
+    if frac is not None:
+        info["target_domain_fraction"] = frac
+    key = config_hash({"generic": [hashlib.sha256(ids.tobytes()).hexdigest(), len(ids)],
+                       "pool": pool_fingerprint(pool, shards), "hwc": [int(h), int(w), int(c)],
+                       "seed": int(cfg.seed)})
+    return TransferSet(images, "generic", f"{len(ids)} images drawn at random from pool {pool.root}", key,
+                       info=info)
 
 
 @TRANSFER_SETS.register("retrieval")

@@ -157,3 +157,4 @@ def test_corrupt_image_in_image_folder_is_named(tmp_path, fmnist):
 def test_help_lists_commands():
     r = run_kt("--help", timeout=60)
     assert r.returncode == 0 and "run" in r.stdout and "pretrain-teacher" in r.stdout
+    assert "sweep" in r.stdout and "report" in r.stdout

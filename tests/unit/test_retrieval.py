@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from orchestrator.config import ConfigError, PoolConfig, RetrievalConfig, resolve_config
+from orchestrator.config import ConfigError, PoolConfig, resolve_config
 from orchestrator.data.loaders import DataError
 from orchestrator.retrieval import check_bad, fetch_images
 from orchestrator.stages.curate import EmptyTransferSetError, Manifest, curate, per_query_share
@@ -37,8 +37,7 @@ def test_pool_formats_read_the_same_images_with_stable_ids(tmp_path, images, fmt
     np.testing.assert_array_equal(np.concatenate(got), images)
     # fetching by id decodes exactly the named images, in the asked order
     ids = np.array([pool_id(2, 1), pool_id(0, 3), pool_id(1, 0)])
-    rc = RetrievalConfig(pool=cfg, k=1)
-    np.testing.assert_array_equal(fetch_images(ids, shards, rc, (28, 28), 1), images[[25, 3, 12]])
+    np.testing.assert_array_equal(fetch_images(ids, shards, cfg, (28, 28), 1), images[[25, 3, 12]])
     assert pool_fingerprint(cfg, shards) == pool_fingerprint(cfg, list_shards(cfg))
 
 

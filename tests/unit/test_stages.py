@@ -107,6 +107,55 @@ def test_distill_killed_midway_resumes_from_checkpoint(fmnist, tiny_teacher_ckpt
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def _one_epoch(data, cfg, seed=0):
+    from orchestrator.stages.distill import FeatureStudent, distill_epoch, make_optimizer
+
+    torch.manual_seed(seed)
+    s = create_student("timm/resnet10t", 10, PRE, TINY_RESNET)
+    if cfg.feature_weight > 0:
+        s = FeatureStudent(s, 64)  # the tiny teacher's feature width
+    opt, sched = make_optimizer(s, cfg, len(data.images))
+    return distill_epoch(s, opt, sched, data, PRE, cfg, 0, seed), s
+
+
+def test_online_teacher_gives_the_cached_soft_labels_and_features(fmnist, tiny_teacher_ckpt):
+    from orchestrator.stages.distill import online_teacher
+    from orchestrator.stages.teacher_outputs import TeacherPredictor
+
+    images = fmnist.train.images[:256]
+    cached = TeacherPredictor(str(tiny_teacher_ckpt), features=True)({"image": images, "index": np.arange(256)})
+    assert cached["features"].shape == (256, 64) and cached["features"].dtype == np.float16
+    logits, feats = online_teacher(tiny_teacher_ckpt)(images)
+    assert torch.allclose(logits, torch.from_numpy(cached["logits"]), atol=1e-4)
+    assert torch.allclose(feats, torch.from_numpy(cached["features"].astype(np.float32)), atol=2e-2, rtol=1e-2)
+    for fw in (0.0, 0.5):  # one epoch from the same init: online and cached training agree
+        cfg = DistillConfig(epochs=1, batch_size=64, lr=3e-3, augment=False, feature_weight=fw)
+        loss_c, s_c = _one_epoch(DistillData(images, cached["logits"], teacher_features=cached["features"]), cfg)
+        loss_o, s_o = _one_epoch(DistillData(images, None, teacher=online_teacher(tiny_teacher_ckpt)), cfg)
+        assert loss_o == pytest.approx(loss_c, rel=2e-2)
+
+
+def test_feature_loss_trains_the_projection_and_yields_a_plain_student(fmnist, tiny_teacher_ckpt, tmp_path):
+    from orchestrator.stages.distill import FeatureStudent, student_state
+    from orchestrator.stages.teacher_outputs import TeacherPredictor
+
+    images = fmnist.train.images[:400]
+    out = TeacherPredictor(str(tiny_teacher_ckpt), features=True)({"image": images, "index": np.arange(400)})
+    data = DistillData(images, out["logits"], teacher_features=out["features"])
+    torch.manual_seed(0)
+    model = FeatureStudent(create_student("timm/resnet10t", 10, PRE, TINY_RESNET), 64)
+    logits, proj = model(torch.zeros(2, 1, 28, 28))
+    assert logits.shape == (2, 10) and proj.shape == (2, 64)
+    cfg = DistillConfig(epochs=4, batch_size=64, lr=3e-3, kd_weight=0.0, feature_weight=1.0)
+    log = distill_local(model, data, PRE, cfg, tmp_path)  # feature loss only: 1 - cosine falls
+    assert log["loss"][-1] < log["loss"][0] * 0.8
+    plain = create_student("timm/resnet10t", 10, PRE, TINY_RESNET)
+    plain.load_state_dict(student_state(model.state_dict()))  # strict: exactly the student's keys
+    x = torch.from_numpy(np.random.default_rng(0).random((2, 1, 28, 28), np.float32))
+    model.eval(), plain.eval()
+    assert torch.allclose(plain(x), model(x)[0], atol=1e-5)
+
+
 def test_evaluate_scores_and_plots(tmp_path):
     r = score(np.array([0, 1, 1, 2]), np.array([0, 1, 2, 2]), 3, ["a", "b", "c"])
     assert r.top1 == 0.75 and r.confusion.tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]

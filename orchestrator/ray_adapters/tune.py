@@ -1,0 +1,220 @@
+"""Ray Tune adapter: Optuna search (TPE, or NSGA-II for accuracy-vs-compute), ASHA early stopping, per-trial
+resources and retries, resume, and a driver-side callback that writes each trial's MLflow child run and its
+row in the sweep's trial ledger.
+
+Each trial is a function trainable that runs one Ray Train distillation (the Ray 2.x pattern for Train inside
+Tune: ``TorchTrainer.fit()`` in the trial, metrics forwarded by ``TuneReportCallback``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from ray import tune  # this module is the Tune adapter: imported only when a sweep runs
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "tune"  # Tune experiment dir: <sweep_dir>/tune
+
+
+def trial_trainable(config: dict, sctx) -> None:
+    """The Tune trainable: ``config`` holds the labels Optuna drew for this trial."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from orchestrator.sweeps.trial import run_trial
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("ray").setLevel(logging.WARNING)  # Ray Train's per-report INFO lines
+    run_trial(sctx, tune.get_context().get_trial_id(), dict(config), tune.report, [TuneReportCallback()])
+
+
+def _searcher(space):
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    s = space.search
+    if space.multi_objective:
+        sampler = optuna.samplers.NSGAIISampler(population_size=s.population_size, seed=s.seed)
+        alg = OptunaSearch(space=space.suggest, metric=[space.objective.metric, space.objective.compute],
+                           mode=["max", "min"], sampler=sampler)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=min(10, max(2, s.num_trials // 3)))
+        alg = OptunaSearch(space=space.suggest, metric=space.objective.metric, mode="max", sampler=sampler)
+    return ConcurrencyLimiter(alg, max_concurrent=s.max_concurrent_trials)
+
+
+def _scheduler(space, max_epochs: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    es = space.search.early_stopping
+    if not es.enabled:
+        return FIFOScheduler()
+    # one report per distillation epoch, then the final one after finetuning
+    return ASHAScheduler(metric=space.objective.metric, mode="max", time_attr="training_iteration",
+                         max_t=max_epochs + 1, grace_period=es.grace_period, reduction_factor=es.reduction_factor)
+
+
+def run_tune(sctx, max_epochs: int, callbacks: list, resume: bool):
+    """Run (or, with ``resume``, continue) the sweep's Tune experiment under ``<sweep_dir>/tune``.
+
+    Returns the list of Tune trials. A resumed experiment keeps its finished trials and searcher state;
+    unfinished and errored trials run again (errored ones from scratch, each with its retries).
+    """
+    from orchestrator.ray_adapters.session import ensure_ray
+
+    ensure_ray()
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # experiment state at most 1 s behind (resume)
+    space, path = sctx.space, Path(sctx.sweep_dir) / EXPERIMENT
+    r = space.resources
+    trainable = tune.with_resources(tune.with_parameters(trial_trainable, sctx=sctx), {"CPU": r.trial_driver_cpus})
+    if resume and tune.Tuner.can_restore(str(path)):
+        log.info("resuming Tune experiment %s", path)
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=_searcher(space), scheduler=_scheduler(space, max_epochs),
+                                        num_samples=space.search.num_trials, reuse_actors=False),
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(Path(sctx.sweep_dir).resolve()),
+                                      callbacks=callbacks, verbose=0,  # TrialLedger logs a line per trial
+                                      failure_config=tune.FailureConfig(max_failures=r.max_failures)))
+    grid = tuner.fit()
+    return [res for res in grid]
+
+
+class TrialLedger(tune.Callback):
+    """Driver-side Tune callback: one MLflow child run per trial (params, per-epoch metrics, compute, tags
+    linking it to the teacher, transfer set and cache keys) under the sweep's parent run, and a row per
+    trial in ``<sweep_dir>/trials/<id>/row.json`` (status completed/stopped/error, metrics, params).
+
+    Child runs are found again by their ``kt.trial_id`` tag, so a resumed sweep never duplicates them.
+    MLflow is written from the driver only (a sqlite store need not be visible to worker nodes).
+    """
+
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep_dir: str, sweep: str,
+                 total: int = 0):
+        self.uri, self.experiment_id, self.parent = tracking_uri, experiment_id, parent_run_id
+        self.sweep_dir, self.sweep, self.total = sweep_dir, sweep, total
+        self._client = None
+        self._runs: dict[str, str] = {}
+        self._done: set[str] = set()
+
+    def __getstate__(self):  # pickled into the Tune experiment state: no client, no cached ids
+        return {k: v for k, v in self.__dict__.items() if k not in ("_client", "_runs", "_done")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _client=None, _runs={}, _done=set())
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(self.uri)
+        return self._client
+
+    def _run_id(self, trial) -> str | None:
+        tid = trial.trial_id
+        if tid in self._runs or tid in self._done:
+            return self._runs.get(tid)
+        found = self.client.search_runs([self.experiment_id], filter_string=(
+            f"tags.`kt.trial_id` = '{tid}' and tags.`mlflow.parentRunId` = '{self.parent}'"), max_results=1)
+        if found and found[0].info.status == "FINISHED":
+            self._done.add(tid)  # finished before a resume: leave it as it is
+            return None
+        if found:
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            run = self.client.create_run(self.experiment_id, run_name=f"trial-{tid}", tags={
+                "mlflow.parentRunId": self.parent, "kt.trial_id": tid, "kt.sweep": self.sweep})
+            run_id = run.info.run_id
+            from orchestrator.tracking import flatten
+
+            params = flatten({k: v for k, v in trial.config.items()})
+            self.client.log_batch(run_id, params=_params(params))
+        self._runs[tid] = run_id
+        return run_id
+
+    def _row(self, trial, status: str, error: str | None = None) -> None:
+        from orchestrator.cache import write_atomic
+
+        res = dict(trial.last_result or {})
+        keep = ("val_top1", "test_top1", "student_flops", "device_seconds", "train_flops", "images_seen",
+                "distilled_val_top1", "distilled_test_top1", "student_params", "transfer_set_size",
+                "teacher_forward_passes", "epoch", "distill_restarts")
+        row = {"trial_id": trial.trial_id, "status": status, **{k: res.get(k) for k in keep},
+               "params": dict(trial.config), "tags": res.get("kt_tags") or {}, "error": error}
+        d = Path(self.sweep_dir) / "trials" / trial.trial_id
+        d.mkdir(parents=True, exist_ok=True)
+        write_atomic(d / "row.json", json.dumps(row, indent=1, default=str))
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._run_id(trial)
+        from orchestrator.sweeps.space import describe
+
+        log.info("trial %s started: %s", trial.trial_id, describe(trial.config))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        from mlflow.entities import Metric
+
+        run_id = self._run_id(trial)
+        if run_id is None:
+            return
+        step = int(result.get("training_iteration", 0))
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, step) for k, v in result.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in _TUNE_NOISE]
+        tags = {f"kt.{k}": str(v) for k, v in (result.get("kt_tags") or {}).items()}
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()])
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        final = bool((trial.last_result or {}).get("kt_final"))
+        status = "completed" if final else "stopped"
+        self._row(trial, status)
+        res = trial.last_result or {}
+        n_done = len(list((Path(self.sweep_dir) / "trials").glob("*/row.json")))
+        log.info("trial %s %s%s: val top-1 %.4f%s [%d of %d trials ended]", trial.trial_id, status,
+                 "" if final else f" early (ASHA) after epoch {res.get('epoch')}", res.get("val_top1", float("nan")),
+                 f", test top-1 {res['test_top1']:.4f}" if final else "", n_done, self.total)
+        run_id = self._run_id(trial)
+        if run_id is not None:
+            self.client.set_tag(run_id, "kt.status", status)
+            self.client.set_terminated(run_id, "FINISHED")
+            self._runs.pop(trial.trial_id, None)
+            self._done.add(trial.trial_id)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        log.warning("trial %s failed (attempt %d); retrying it with the same config", trial.trial_id,
+                    trial.num_failures)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        err = trial.get_error()
+        msg = (str(err).strip().splitlines() or ["unknown error"])[-1][:500]
+        log.error("trial %s failed after %d attempts: %s", trial.trial_id, trial.num_failures, msg)
+        self._row(trial, "error", msg)
+        run_id = self._run_id(trial)
+        if run_id is not None:
+            self.client.set_tag(run_id, "kt.status", "error")
+            self.client.set_tag(run_id, "kt.error", msg)
+            self.client.set_terminated(run_id, "FAILED")
+            self._runs.pop(trial.trial_id, None)
+            self._done.add(trial.trial_id)
+
+
+_TUNE_NOISE = {"timestamp", "time_this_iter_s", "time_total_s", "pid", "time_since_restore",
+               "iterations_since_restore", "kt_final", "done", "training_iteration"}
+
+
+def _params(params: dict):
+    from mlflow.entities import Param
+
+    return [Param(k, str(v)[:6000]) for k, v in params.items()]

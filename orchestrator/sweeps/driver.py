@@ -1,0 +1,188 @@
+"""`kt sweep`: prepare what every trial shares, run the search (Ray Tune + Optuna), summarise the trials.
+
+1. Prepare (cached, once per sweep): data and split with a held-out validation subset, the (stand-in)
+   teacher, its adaptation, and for every transfer set a trial can draw, the transfer set and its teacher
+   outputs: the teacher runs over a given transfer set once, however many trials use it.
+2. Search: one Tune trial per drawn configuration (distill with Ray Train, finetune, evaluate); MLflow child
+   runs under one parent run per sweep.
+3. Summarise: trials CSV, Pareto plot (accuracy against student FLOPs and device-seconds) on the parent run.
+
+State lives in ``<storage>/sweeps/<name>/`` (``sweep.json``, ``tune/``, ``trials/<id>/``), so a sweep whose
+driver was killed continues with ``--resume``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.cache import Cache, write_atomic
+from orchestrator.config import ConfigError, PipelineConfig, config_hash, load_task_yaml, resolve_config
+from orchestrator.sweeps.space import SearchSpace, _apply, base_tree, check_values, describe, load_space
+from orchestrator.sweeps.trial import SweepContext, transfer_set_hash
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepResult:
+    """What a sweep returns: its name and directory, the MLflow parent run, and one row per trial (see
+    :mod:`orchestrator.sweeps.pareto`)."""
+
+    name: str
+    sweep_dir: Path
+    parent_run_id: str
+    tracking_uri: str
+    experiment: str
+    rows: list[dict]
+    metrics: dict[str, float]
+
+
+def _task_tree(task: str | Path | dict, overrides: list[str] | None, smoke: bool) -> dict:
+    raw = task if isinstance(task, dict) else load_task_yaml(task)
+    return resolve_config(raw, overrides, smoke, source=str(task)).model_dump(mode="json")
+
+
+def prepare(sctx_args: dict, space: SearchSpace, base: dict, parent_tracker, sweep_dir: Path) -> SweepContext:
+    """Shared stages, cached: teacher (stand-in if needed), adaptation, every transfer set and its teacher
+    outputs. Stage metrics go on the sweep's parent run as ``<stage>.<metric>``."""
+    from orchestrator.pipeline import (Ctx, load_data, stage_adapt, stage_data, stage_teacher,
+                                       stage_teacher_outputs, stage_transfer_set)
+
+    cfg0 = resolve_config(base, source="(sweep base)")
+    task, split, dcomp = load_data(cfg0)
+    import torch
+
+    ctx = Ctx(cfg0, Cache(cfg0.storage_path()), parent_tracker, sweep_dir, "cuda" if torch.cuda.is_available()
+              else "cpu", task, split, nested_stages=False)
+    stage_data(ctx, dcomp)
+    teacher = stage_teacher(ctx)
+    adapted, adapted_key = stage_adapt(ctx, *teacher)
+    sets: dict[str, dict] = {}
+    passes = 0
+    for i, labels in enumerate(space.transfer_set_variants()):
+        cfg = resolve_config(_apply(base, space.overrides(labels)), source=f"(transfer set {describe(labels)})")
+        h = transfer_set_hash(cfg)
+        if h in sets:
+            continue
+        ctx.cfg = cfg
+        ts, _ = stage_transfer_set(ctx, teacher, adapted, adapted_key)
+        entry = stage_teacher_outputs(ctx, ts, adapted, adapted_key, stage=f"teacher_inference_{i}")
+        n = int(ctx.stages[f"teacher_inference_{i}"]["teacher_forward_passes"])
+        passes += n
+        sets[h] = {"dir": str(entry), "key": ts.key, "source": ts.source, "description": ts.description,
+                   "size": len(ts), "labels": labels, "teacher_forward_passes": n}
+        log.info("transfer set %d (%s): %s; teacher forward passes now %d", i, describe(labels) or "fixed",
+                 ts.description, n)
+        del ts
+    ctx.cfg = cfg0
+    parent_tracker.metrics({"prepare.teacher_forward_passes": passes, "prepare.transfer_sets": len(sets),
+                            "teacher_top1": ctx.stages["adapt_teacher"]["top1"]})
+    return SweepContext(name=sctx_args["name"], sweep_dir=str(sweep_dir), base=base, space=space,
+                        teacher_id=teacher[0], teacher_key=teacher[1], adapted=str(adapted), adapted_key=adapted_key,
+                        teacher_flops=int(ctx.teacher_flops), transfer_sets=sets)
+
+
+def _max_epochs(space: SearchSpace, base: dict) -> int:
+    dim = space.space.get("distill.epochs")
+    if dim is None:
+        return int(resolve_config(base).distill.epochs)
+    return int(max(dim.value(v) for v in dim.extremes()))
+
+
+def sweep(space: str | Path | dict, task: str | Path | dict, overrides: list[str] | None = None,
+          space_overrides: list[str] | None = None, smoke: bool = False, name: str | None = None,
+          resume: bool = False) -> SweepResult:
+    """Run a sweep (see module doc). ``overrides`` apply to the task (``--set``), ``space_overrides`` to the
+    search-space file (``--space-set search.num_trials=3``).
+
+    Raises:
+        ConfigError: bad space/task, a sweep of that name exists without ``resume`` (or is missing with it),
+            or the space/task changed since the sweep started.
+    """
+    from orchestrator.tracking import Tracker, default_tracking_uri
+
+    sp = load_space(space, space_overrides)
+    src = str(space) if not isinstance(space, dict) else "(python dict)"
+    task_tree = _task_tree(task, overrides, smoke)
+    cfg0 = PipelineConfig.model_validate(task_tree)
+    base = base_tree(task_tree, sp)
+    check_values(sp, base, src)
+    name = name or f"{sp.name}-{cfg0.name}"
+    storage = cfg0.storage_path()
+    sweep_dir = storage / "sweeps" / name
+    state_file = sweep_dir / "sweep.json"
+    spec = config_hash({"space": sp.model_dump(mode="json", by_alias=True), "base": base})
+    state = _check_state(state_file, name, spec, resume)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    uri = cfg0.tracking.tracking_uri or default_tracking_uri(storage)
+    tracker = Tracker(uri, cfg0.tracking.experiment, storage / "mlartifacts")
+    t0 = time.perf_counter()
+    tags = {"kt.kind": "sweep", "kt.sweep": name, "kt.space": sp.name, "teacher": cfg0.teacher.id}
+    with tracker.run(name, tags=None if state else tags, run_id=state.get("parent_run_id") if state else None) as run:
+        parent = run.info.run_id
+        if not state:
+            from orchestrator.tracking import flatten
+
+            tracker.params(flatten({"space": sp.model_dump(mode="json", by_alias=True, exclude={"space"}),
+                                    "task": cfg0.name, "dimensions": ",".join(sp.space)}))
+            write_atomic(sweep_dir / "space.json", json.dumps(sp.model_dump(mode="json", by_alias=True), indent=1))
+            tracker.artifact(sweep_dir / "space.json")
+        write_atomic(state_file, json.dumps({"name": name, "spec": spec, "parent_run_id": parent,
+                                             "tracking_uri": uri, "experiment": cfg0.tracking.experiment,
+                                             "status": "running"}, indent=1))
+        sctx = prepare({"name": name}, sp, base, tracker, sweep_dir)
+        write_atomic(sweep_dir / "transfer_sets.json", json.dumps(sctx.transfer_sets, indent=1, default=str))
+        from orchestrator.ray_adapters.tune import TrialLedger, run_tune
+
+        ledger = TrialLedger(uri, tracker.experiment_id, parent, str(sweep_dir), name, sp.search.num_trials)
+        run_tune(sctx, _max_epochs(sp, base), [ledger], resume=bool(state))
+        rows = load_rows(sweep_dir)
+        metrics = summarise(rows, sp, sweep_dir, tracker, time.perf_counter() - t0)
+        write_atomic(state_file, json.dumps({**json.loads(state_file.read_text()), "status": "finished"}, indent=1))
+    return SweepResult(name, sweep_dir, parent, uri, cfg0.tracking.experiment, rows, metrics)
+
+
+def _check_state(state_file: Path, name: str, spec: str, resume: bool) -> dict:
+    if state_file.is_file():
+        state = json.loads(state_file.read_text())
+        if not resume:
+            raise ConfigError(f"sweep {name!r} already exists ({state_file.parent}); continue it with --resume, "
+                              "or start another with --name NEW")
+        if state["spec"] != spec:
+            raise ConfigError(f"the search space or task changed since sweep {name!r} started; resume it with the "
+                              "same files and --set values, or start a new sweep with --name NEW")
+        return state
+    if resume:
+        raise ConfigError(f"no sweep {name!r} to resume under {state_file.parent.parent}; drop --resume to start it")
+    return {}
+
+
+def load_rows(sweep_dir: Path) -> list[dict]:
+    """Every trial's row (written by the driver's ledger), oldest first."""
+    rows = [json.loads(p.read_text()) for p in sorted((sweep_dir / "trials").glob("*/row.json"))]
+    return sorted(rows, key=lambda r: r["trial_id"])
+
+
+def summarise(rows: list[dict], space: SearchSpace, sweep_dir: Path, tracker, wall: float) -> dict[str, float]:
+    """Trials CSV and Pareto plot as parent-run artifacts; counts, best trial and teacher passes as metrics."""
+    from orchestrator.sweeps.pareto import plot_pareto, write_trials_csv
+
+    done = [r for r in rows if r["status"] == "completed"]
+    csv = write_trials_csv(rows, sweep_dir / "trials.csv")
+    png = plot_pareto(rows, sweep_dir / "pareto.png", title=f"sweep {sweep_dir.name}")
+    tracker.artifact(csv)
+    tracker.artifact(png)
+    metrics: dict[str, Any] = {
+        "trials_completed": len(done), "trials_stopped": sum(r["status"] == "stopped" for r in rows),
+        "trials_failed": sum(r["status"] == "error" for r in rows), "sweep_wall_seconds": wall,
+        "trial_teacher_forward_passes": sum(r.get("teacher_forward_passes") or 0 for r in done)}
+    if done:
+        best = max(done, key=lambda r: r["val_top1"])
+        metrics.update(best_val_top1=best["val_top1"], best_test_top1=best["test_top1"])
+        tracker.tags({"kt.best_trial": best["trial_id"]})
+    tracker.metrics(metrics)
+    return metrics

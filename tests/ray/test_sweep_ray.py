@@ -1,0 +1,128 @@
+"""Sweeps on a module-scoped local Ray (2 CPUs): tiny trials over the three axes, the MLflow parent/child
+runs and their tags, shared teacher outputs, and a failing trial that is retried and reported."""
+import json
+
+import mlflow
+import pytest
+
+import orchestrator
+from tests.conftest import TASK
+from tests.pools import mixed_pool_images, write_webdataset
+
+pytestmark = pytest.mark.ray
+
+TINY = {"id": "timm/resnet10t", "model_kwargs": {"channels": [8, 16, 32, 64], "stem_width": 8}}
+
+
+def tiny_space(pool: str, **over) -> dict:
+    pool_cfg = {"format": "webdataset", "root": pool, "target_domain_prefix": "fmnist"}
+    s = {"name": "tiny",
+         "search": {"num_trials": 3, "max_concurrent_trials": 2, "seed": 0},
+         "resources": {"cpus_per_worker": 0.9, "trial_driver_cpus": 0.1, "max_failures": 0},
+         "validation_per_class": 5,
+         "fixed": {"distill.epochs": 2, "distill.batch_size": 64, "finetune.epochs": 1,
+                   "transfer_set.max_images": 200, "transfer_set.pool": pool_cfg,
+                   "transfer_set.retrieval": {"pool": pool_cfg, "budget": 150}},
+         "space": {"transfer_set.source": {"choice": ["target_unlabeled", "generic", "retrieval"]},
+                   "distill.ce_weight": {"uniform": [0.0, 1.0]},
+                   "student": {"choice": {"r10t_w8": TINY, "mnv3": {"id": "timm/mobilenetv3_small_050"}}}}}
+    s.update(over)
+    return s
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory, fmnist):
+    return tmp_path_factory.mktemp("sweep")
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory, fmnist):
+    images, keys = mixed_pool_images(fmnist.test.images[:200], 200)  # task-domain images the split never uses
+    return str(write_webdataset(tmp_path_factory.mktemp("pool"), images, keys, 100))
+
+
+@pytest.fixture(scope="module")
+def result(local_ray, storage, pool):
+    return orchestrator.sweep(tiny_space(pool), TASK, [f"storage={storage}"], smoke=True, name="tiny3")
+
+
+def client_runs(result):
+    client = mlflow.MlflowClient(result.tracking_uri)
+    exp = client.get_experiment_by_name(result.experiment)
+    return client, client.search_runs([exp.experiment_id])
+
+
+def test_three_tiny_trials_over_three_axes(result):
+    rows = result.rows
+    assert [r["status"] for r in rows] == ["completed"] * 3
+    for r in rows:
+        assert 0.0 <= r["val_top1"] <= 1.0 and 0.0 <= r["test_top1"] <= 1.0
+        assert r["student_flops"] > 0 and r["device_seconds"] > 0 and r["images_seen"] > 0
+        assert set(r["params"]) == {"transfer_set.source", "distill.ce_weight", "student"}
+    mnv3 = [r["student_flops"] for r in rows if r["params"]["student"] == "mnv3"]
+    r10 = [r["student_flops"] for r in rows if r["params"]["student"] == "r10t_w8"]
+    assert len(set(mnv3)) <= 1 and len(set(r10)) <= 1 and set(mnv3).isdisjoint(r10)  # FLOPs follow the arch
+    assert result.metrics["trials_completed"] == 3 and result.metrics["trials_failed"] == 0
+    csv = (result.sweep_dir / "trials.csv").read_text().splitlines()
+    assert len(csv) == 4 and "param.student" in csv[0]
+    assert (result.sweep_dir / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_teacher_runs_once_per_transfer_set(result):
+    sets = json.loads((result.sweep_dir / "transfer_sets.json").read_text())
+    assert {s["source"] for s in sets.values()} == {"target_unlabeled", "generic", "retrieval"}
+    assert sum(s["teacher_forward_passes"] for s in sets.values()) == sum(s["size"] for s in sets.values())
+    client, runs = client_runs(result)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.metrics["prepare.teacher_forward_passes"] == sum(s["size"] for s in sets.values())
+    by_source = {s["source"]: s for s in sets.values()}
+    for r in result.rows:  # every trial read its transfer set's prepared outputs; no trial ran the teacher
+        src = r["params"]["transfer_set.source"]
+        assert r["tags"]["teacher_outputs.key"] == by_source[src]["dir"].rsplit("/", 1)[-1]
+        assert r["teacher_forward_passes"] == 0
+
+
+def test_mlflow_parent_and_nested_trial_runs_with_tags(result):
+    client, runs = client_runs(result)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["kt.kind"] == "sweep"
+    assert {"pareto.png", "trials.csv", "space.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(k.data.tags["kt.trial_id"] for k in kids) == sorted(r["trial_id"] for r in result.rows)
+    for k in kids:
+        tags = k.data.tags
+        assert k.info.status == "FINISHED" and tags["kt.status"] == "completed"
+        assert tags["kt.teacher"].startswith("checkpoint/") and len(tags["kt.transfer_set.key"]) == 16
+        assert len(tags["kt.teacher_outputs.key"]) == 16 and len(tags["kt.adapted_teacher.key"]) == 16
+        assert {"transfer_set.source", "student", "distill.ce_weight"} <= set(k.data.params)
+        val = client.get_metric_history(k.info.run_id, "val_top1")
+        assert sorted(m.step for m in val) == [1, 2, 3]  # 2 distillation epochs, then after finetuning
+        assert k.data.metrics["student_flops"] > 0 and k.data.metrics["device_seconds"] > 0
+
+
+def test_resume_without_flag_and_changed_space_are_refused(result, storage, pool):
+    from orchestrator.config import ConfigError
+
+    with pytest.raises(ConfigError, match="already exists.*--resume"):
+        orchestrator.sweep(tiny_space(pool), TASK, [f"storage={storage}"], smoke=True, name="tiny3")
+    with pytest.raises(ConfigError, match="changed since sweep 'tiny3' started"):
+        orchestrator.sweep(tiny_space(pool), TASK, [f"storage={storage}", "distill.lr=0.01"], smoke=True,
+                           name="tiny3", resume=True)
+    with pytest.raises(ConfigError, match="no sweep 'other' to resume"):
+        orchestrator.sweep(tiny_space(pool), TASK, [f"storage={storage}"], smoke=True, name="other", resume=True)
+
+
+def test_failing_trial_is_retried_then_reported(result, storage, pool):
+    bad = {"id": "timm/resnet10t", "model_kwargs": {"channels": [8, 16]}}  # valid id, unbuildable network
+    space = tiny_space(pool, search={"num_trials": 1, "max_concurrent_trials": 1},
+                       resources={"cpus_per_worker": 0.9, "trial_driver_cpus": 0.1, "max_failures": 1},
+                       space={"student": {"choice": {"broken": bad}}})
+    res = orchestrator.sweep(space, TASK, [f"storage={storage}"], smoke=True, name="broken")
+    [row] = res.rows
+    assert row["status"] == "error" and row["error"]
+    trial_dir = res.sweep_dir / "trials" / row["trial_id"]
+    assert (trial_dir / "attempts.log").read_text().count("start") == 2  # the first try and one retry
+    assert res.metrics["trials_failed"] == 1
+    client, runs = client_runs(res)
+    [kid] = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == res.parent_run_id]
+    assert kid.info.status == "FAILED" and kid.data.tags["kt.status"] == "error" and kid.data.tags["kt.error"]
