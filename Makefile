@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TASK ?= tasks/fashion_mnist.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup data demo demo-retrieval test bench clean-cache
+.PHONY: setup data demo demo-run demo-retrieval test bench clean-cache
 
 $(BIN)/kt: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,13 @@ data:
 
 demo: setup
 	$(BIN)/kt pretrain-teacher $(TASK)
+	$(BIN)/kt make-demo-pool $(TASK)
+	# a second `make demo` (or one after an interruption) continues the same sweep
+	$(BIN)/kt sweep search_spaces/quick.yaml --task $(TASK) \
+	  $$(test -f kt_runs/sweeps/quick-fashion_mnist/sweep.json && echo --resume)
+
+demo-run: setup
+	$(BIN)/kt pretrain-teacher $(TASK)
 	$(BIN)/kt run $(TASK)
 
 demo-retrieval: setup
@@ -39,3 +46,4 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/teacher_inference.py
 	$(BIN)/python benchmarks/retrieval.py
+	$(BIN)/python benchmarks/sweep_cache.py

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from orchestrator.config import PipelineConfig
     from orchestrator.pipeline import RunResult
 
-__all__ = ["run", "sweep", "load_config", "PipelineConfig"]
+__all__ = ["run", "sweep", "submit", "load_config", "PipelineConfig"]
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None, smoke: bool = False) -> "PipelineConfig":
@@ -63,6 +63,25 @@ def sweep(space: "str | Path | dict[str, Any]", task: "str | Path | dict[str, An
     from orchestrator.sweeps.driver import sweep as _sweep
 
     return _sweep(space, task, overrides, space_overrides, smoke, name, resume)
+
+
+def submit(command: list[str], address: str | None = None, working_dir: str | Path | None = None,
+           env: dict[str, str] | None = None, pip: list[str] | None = None, excludes: list[str] | None = None):
+    """Submit ``kt <command>`` to a Ray cluster through the Jobs API (as ``kt submit``).
+
+    Args:
+        command: e.g. ``["sweep", "search_spaces/quick.yaml", "--task", "tasks/fashion_mnist.yaml"]``.
+        address: the Jobs API (default ``$KT_JOBS_ADDRESS`` or http://127.0.0.1:8265).
+        working_dir: uploaded as the job's working directory (default: the current directory).
+        env: environment variables for the job; pip: extra requirements; excludes: globs left out of the upload.
+    Returns:
+        JobHandle with ``status()``, ``logs()``, ``follow()``, ``wait()``, ``stop()``.
+    Raises:
+        JobsError: unreachable cluster, refused token, working directory over Ray's upload limit.
+    """
+    from orchestrator.ray_adapters.jobs import submit as _submit
+
+    return _submit(list(command), address, Path(working_dir) if working_dir else None, env, pip, excludes)
 
 
 def __getattr__(name: str):

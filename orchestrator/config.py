@@ -235,7 +235,8 @@ class BaselineConfig(TrainConfig):
 
 
 class TrackingConfig(Strict):
-    """MLflow: ``tracking_uri`` defaults to a sqlite file under ``storage``."""
+    """MLflow: ``tracking_uri`` defaults to ``$KT_TRACKING_URI`` (cluster.yaml sets it to the head's MLflow
+    server), else a sqlite file under the local storage root."""
 
     tracking_uri: str | None = None
     experiment: str = "knowledge-transfer"
@@ -260,8 +261,26 @@ class PipelineConfig(Strict):
     smoke: dict[str, Any] = Field(default_factory=dict, description="dotted overrides applied by --smoke")
 
     def storage_path(self) -> Path:
-        """The storage root as an absolute path."""
-        return Path(self.storage).expanduser().resolve()
+        """This node's local storage root: the path itself (relative paths resolve against ``$KT_STORAGE_BASE``
+        when set, as cluster.yaml does for job drivers, else the working directory), or for a storage URI
+        (``s3://``, ``gs://``, ...) its local mirror (run dirs, sweep state and the default MLflow store)."""
+        import os
+
+        from orchestrator.storage import is_uri, mirror_root
+
+        if is_uri(self.storage):
+            return mirror_root(self.storage)
+        p = Path(self.storage).expanduser()
+        if not p.is_absolute() and os.environ.get("KT_STORAGE_BASE"):  # a cluster job: not its temp working dir
+            p = Path(os.environ["KT_STORAGE_BASE"]) / p
+        return p.resolve()
+
+    def storage_uri(self) -> str:
+        """The shared storage root every node reads and writes (stage cache, Ray Train/Tune checkpoints): the
+        URI as given, or the absolute local path."""
+        from orchestrator.storage import is_uri
+
+        return self.storage if is_uri(self.storage) else str(self.storage_path())
 
 
 def config_hash(obj: Any) -> str:

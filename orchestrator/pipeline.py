@@ -55,6 +55,10 @@ class Ctx:
     cpus_per_worker: float = 1.0  # Ray Train worker CPUs (a sweep trial may use fractions)
     nested_stages: bool = True  # one nested MLflow run per stage; False: ``<stage>.<metric>`` on the current run
 
+    def cache_ref(self, entry: Path) -> dict:
+        """A reference to cache entry ``entry`` (``<root>/<kind>/<key>``) that Ray workers on any node resolve."""
+        return {"storage": self.cfg.storage_uri(), "kind": entry.parent.name, "key": entry.name}
+
     def record(self, stage: str, compute: StageCompute, cache_hit: bool | None = None, **extra) -> None:
         info = {**compute.metrics(""), **({} if cache_hit is None else {"cache_hit": float(cache_hit)}), **extra}
         self.stages[stage] = info
@@ -219,39 +223,33 @@ def stage_distill(ctx: Ctx, outputs: Path, stage: str = "distill", run_name: str
     ``outputs``: a teacher-outputs entry (images.npy, logits.npy) or, online, a transfer-images entry.
     ``run_name``/``storage``: the Ray Train run (default: keyed by the recipe under ``<storage>/ray_results``);
     ``callbacks``/``extra_metrics``: passed to :func:`orchestrator.ray_adapters.train.distill_ray`."""
-    import torch
 
     from orchestrator.models.preprocess import Preprocess
     from orchestrator.models.students import create_student
     from orchestrator.ray_adapters.train import distill_ray
     from orchestrator.stages.distill import steps_per_epoch, student_state
+    from orchestrator.storage import join
 
     cfg, task = ctx.cfg, ctx.task
     mean, std = task.pixel_stats()
     h, w, c = task.train.images.shape[1:]
     pre = Preprocess(c, (h, w), tuple(mean), tuple(std))
     labeled = task.train.subset(ctx.split.labeled)
-    data_dir = ctx.run_dir / f"{stage}_data"
-    data_dir.mkdir(exist_ok=True)
-    for f in ("images.npy", "logits.npy", "features.npy"):
-        (data_dir / f).unlink(missing_ok=True)
-        if (outputs / f).exists():
-            (data_dir / f).symlink_to(outputs / f)
-    np.savez(data_dir / "labeled.npz", images=labeled.images, labels=labeled.labels)
-    if len(ctx.split.val):
-        val = task.train.subset(ctx.split.val)
-        np.savez(data_dir / "val.npz", images=val.images, labels=val.labels)
+    val = task.train.subset(ctx.split.val) if len(ctx.split.val) else None
+    # workers on any node find the teacher outputs in the shared cache; the few labeled images travel inline
+    data = {**ctx.cache_ref(outputs), "labeled": {"images": labeled.images, "labels": labeled.labels},
+            "val": {"images": val.images, "labels": val.labels} if val is not None else None}
     key = config_hash({"outputs": outputs.name, "student": cfg.student.model_dump(mode="json"),
                        "distill": cfg.distill.model_dump(mode="json"), "seed": cfg.seed, "split": ctx.split.key()})
     n = len(np.load(outputs / "images.npy", mmap_mode="r"))
     world = cfg.distill.num_workers
     with Meter(devices=world) as m:
         state, tlog = distill_ray(
-            data_dir, cfg.student.id, cfg.student.model_kwargs, task.num_classes, pre.to_dict(),
-            cfg.distill.model_dump(mode="json"), cfg.seed, storage or ctx.cfg.storage_path() / "ray_results",
+            data, cfg.student.id, cfg.student.model_kwargs, task.num_classes, pre.to_dict(),
+            cfg.distill.model_dump(mode="json"), cfg.seed, storage or join(cfg.storage_uri(), "ray_results"),
             run_name or f"distill-{key}", world, cfg.distill.use_gpu, cpus_per_worker=ctx.cpus_per_worker,
-            teacher_checkpoint=str(ctx.adapted) if ctx.adapted else None, callbacks=callbacks,
-            extra_metrics=extra_metrics)
+            teacher_checkpoint={**ctx.cache_ref(ctx.adapted.parent), "file": ctx.adapted.name} if ctx.adapted else None,
+            callbacks=callbacks, extra_metrics=extra_metrics)
     student = create_student(cfg.student.id, task.num_classes, pre, cfg.student.model_kwargs)
     student.load_state_dict(student_state(state))
     shape = (c, h, w)
@@ -338,7 +336,8 @@ def run(config: PipelineConfig) -> RunResult:
     tracker = Tracker(uri, cfg.tracking.experiment, storage / "mlartifacts")
     run_dir = storage / "runs" / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    ctx = Ctx(cfg, Cache(storage), tracker, run_dir, "cuda" if torch.cuda.is_available() else "cpu", task, split)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ctx = Ctx(cfg, Cache(cfg.storage_uri()), tracker, run_dir, device, task, split)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     t0 = time.perf_counter()
     with tracker.run(cfg.name, tags={"teacher": cfg.teacher.id, "student": cfg.student.id,

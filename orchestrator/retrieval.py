@@ -83,7 +83,8 @@ def ensure_embeddings(rcfg: RetrievalConfig, emb: Embedder, shards: list[PoolSha
     out = cache.incremental("embeddings", key)
     with Meter(devices=rcfg.embed_actors) as m:
         results = embed_pool(shards, emb.id, emb.model_kwargs, rcfg.pool, size, channels, out, rcfg.dtype,
-                             rcfg.embed_batch_size, rcfg.embed_actors, gpus)
+                             rcfg.embed_batch_size, rcfg.embed_actors, gpus,
+                             entry=(cache.uri or str(cache.root.parent), "embeddings", key))
     stats = check_bad(results, rcfg.pool.max_bad_fraction, rcfg.pool.root)
     m.result.images = stats["pool_images"]
     meta = {**stats, "embedder": emb.id, "pool": rcfg.pool.root, "compute": m.result.to_dict(),
@@ -107,11 +108,13 @@ def ensure_index(rcfg: RetrievalConfig, entry: Path, emb: Embedder, n: int, cach
     ic = rcfg.index
     plan = plan_index(n, d, int(ic.memory_budget_gb * 2**30), ic.kind, ic.exact_below)
     key = config_hash({"embeddings": entry.name, "plan": plan.to_dict()})
-    out = cache.path("index", key)
-    if (out / "index.json").is_file():
-        return out
+    hit = cache.lookup("index", key)
+    if hit is not None:
+        return hit
     log.info("building %s index (%s) over %d embeddings, d=%d", plan.kind, plan.factory, n, d)
-    return build_index(parts, plan, out, {"embedder": emb.key, "embeddings": entry.name})
+    with cache.write("index", key, {"plan": plan.to_dict()}) as tmp:
+        build_index(parts, plan, tmp, {"embedder": emb.key, "embeddings": entry.name})
+    return cache.path("index", key)
 
 
 def candidate_info(entry: Path, cand_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:

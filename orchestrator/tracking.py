@@ -10,8 +10,11 @@ log = logging.getLogger(__name__)
 
 
 def default_tracking_uri(storage: Path) -> str:
-    """``sqlite:////<storage>/mlflow.db`` (absolute: MLflow 3 resolves relative URIs against each process's cwd)."""
-    return f"sqlite:///{(storage / 'mlflow.db').resolve()}"
+    """``$KT_TRACKING_URI`` when set (on a cluster: the head's MLflow server), else ``sqlite:////<storage>/mlflow.db``
+    (absolute: MLflow 3 resolves relative URIs against each process's cwd)."""
+    import os
+
+    return os.environ.get("KT_TRACKING_URI") or f"sqlite:///{(storage / 'mlflow.db').resolve()}"
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -94,3 +97,54 @@ class NullTracker:
 
     def tags(self, tags: dict[str, str]) -> None:
         pass
+
+
+class ChildRuns:
+    """Nested MLflow runs written by one process on behalf of others (a sweep driver logging its trials):
+    explicit run ids through ``MlflowClient``, no global active run. Children are found again by a tag, so a
+    resumed sweep continues its runs instead of duplicating them.
+
+    Args:
+        tracking_uri, experiment_id: where the runs live. parent_run_id: the runs' parent (``mlflow.parentRunId``).
+        key_tag: the tag that identifies a child (e.g. ``kt.trial_id``).
+    """
+
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, key_tag: str):
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri)
+        self.experiment_id, self.parent, self.key_tag = experiment_id, parent_run_id, key_tag
+
+    def find(self, key: str) -> tuple[str, str] | None:
+        """(run id, status) of the child tagged ``key``, or None."""
+        found = self.client.search_runs([self.experiment_id], max_results=1, filter_string=(
+            f"tags.`{self.key_tag}` = '{key}' and tags.`mlflow.parentRunId` = '{self.parent}'"))
+        return (found[0].info.run_id, found[0].info.status) if found else None
+
+    def create(self, key: str, name: str, params: dict, tags: dict[str, str]) -> str:
+        """A new child run with ``params`` (values as strings, MLflow's 6000-character limit); its run id."""
+        from mlflow.entities import Param
+
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                      tags={"mlflow.parentRunId": self.parent, self.key_tag: key, **tags})
+        self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        return run.info.run_id
+
+    def reopen(self, run_id: str) -> None:
+        self.client.update_run(run_id, status="RUNNING")
+
+    def log(self, run_id: str, metrics: dict[str, float], step: int, tags: dict[str, str] | None = None) -> None:
+        """Metrics at ``step`` and tags, in one request."""
+        import time
+
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()],
+                              tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
+
+    def end(self, run_id: str, status: str, tags: dict[str, str]) -> None:
+        """Set ``tags`` and terminate the run (``FINISHED`` or ``FAILED``)."""
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, v)
+        self.client.set_terminated(run_id, status)

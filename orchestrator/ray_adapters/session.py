@@ -24,7 +24,8 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, object_store_memory=2 * 1024**3, dashboard_host="127.0.0.1",
+        # address="local": always a new local Ray, never a cluster some earlier `ray start` left registered
+        ray.init(address="local", num_cpus=num_cpus, object_store_memory=2 * 1024**3, dashboard_host="127.0.0.1",
                  logging_config=ray.LoggingConfig(log_level="WARNING"))
     if handlers:  # LoggingConfig resets the driver's root logger to WARNING: keep the application's logging
         root.setLevel(level)

@@ -22,32 +22,27 @@ def _train_fn(config: dict) -> None:
     from ray.train import Checkpoint
 
     from orchestrator.config import DistillConfig
-    from orchestrator.data.images import ImageSet
     from orchestrator.models.preprocess import Preprocess
     from orchestrator.models.students import create_student
     from orchestrator.stages.distill import (DistillData, distill_epoch, load_state, make_optimizer, new_log,
                                              FeatureStudent, online_teacher, save_state)
     from orchestrator.stages.evaluate import evaluate
 
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines (checkpoint persisted, ...)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads_per_worker"])
     cfg = DistillConfig(**config["distill"])
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
     pre = Preprocess.from_dict(config["preprocess"])
-    d = Path(config["data_dir"])
-    lab = np.load(d / "labeled.npz")
+    d, lab, val = _inputs(config["data"])
     online = cfg.teacher_outputs == "online"
     use_feat = cfg.feature_weight > 0
     data = DistillData(np.load(d / "images.npy", mmap_mode="r"),
-                       None if online else np.load(d / "logits.npy", mmap_mode="r"),
-                       ImageSet(lab["images"], lab["labels"]),
-                       online_teacher(config["teacher_checkpoint"], device) if online else None,
+                       None if online else np.load(d / "logits.npy", mmap_mode="r"), lab,
+                       online_teacher(_resolve(config["teacher_checkpoint"]), device) if online else None,
                        np.load(d / "features.npy", mmap_mode="r") if use_feat and not online else None)
-    val = None
-    if rank == 0 and (d / "val.npz").is_file():  # held-out labeled images: per-epoch model selection metric
-        v = np.load(d / "val.npz")
-        val = ImageSet(v["images"], v["labels"])
+    val = val if rank == 0 else None  # held-out labeled images: rank 0 reports the per-epoch selection metric
     torch.manual_seed(config["seed"])
     model = create_student(config["student"], config["num_classes"], pre, config["model_kwargs"])
     if use_feat:  # the projection's width: the teacher's feature dimension
@@ -65,7 +60,7 @@ def _train_fn(config: dict) -> None:
     log["starts"].append(start)
     ddp = ray.train.torch.prepare_model(model) if world > 1 else model
     fault = config.get("fault_after_epoch", -1)  # test-only fault injection: the worker processes die once
-    marker = Path(config["data_dir"]) / f".fault-injected-{ctx.get_experiment_name()}"
+    marker = Path(tempfile.gettempdir()) / f".kt-fault-injected-{ctx.get_experiment_name()}"
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         loss = distill_epoch(ddp, opt, sched, data, pre, cfg, epoch, config["seed"], rank, world, device)
@@ -94,18 +89,52 @@ def _train_fn(config: dict) -> None:
             os._exit(1)
 
 
-def distill_ray(data_dir: Path, student: str, model_kwargs: dict, num_classes: int, preprocess: dict,
+def _resolve(ref) -> Path:
+    """A cache reference ``{"storage", "kind", "key"}`` -> this node's copy of the entry (downloaded from a
+    storage URI when needed); a path -> itself."""
+    if not isinstance(ref, dict):
+        return Path(ref)
+    from orchestrator.cache import Cache
+
+    entry = Cache(ref["storage"]).lookup(ref["kind"], ref["key"])
+    if entry is None:
+        raise FileNotFoundError(f"cache entry {ref['kind']}/{ref['key']} is not under {ref['storage']}; "
+                                "this node cannot see the driver's storage (use a storage URI on a cluster)")
+    return entry / ref["file"] if ref.get("file") else entry
+
+
+def _inputs(src):
+    """(dir with images.npy/logits.npy/features.npy, labeled ImageSet, validation ImageSet or None)."""
+    import numpy as np
+
+    from orchestrator.data.images import ImageSet
+
+    if isinstance(src, dict) and "kind" in src:
+        lab, val = src["labeled"], src.get("val")
+        return (_resolve(src), ImageSet(lab["images"], lab["labels"]),
+                ImageSet(val["images"], val["labels"]) if val else None)
+    d = Path(src)
+    lab = np.load(d / "labeled.npz")
+    val = np.load(d / "val.npz") if (d / "val.npz").is_file() else None
+    return d, ImageSet(lab["images"], lab["labels"]), ImageSet(val["images"], val["labels"]) if val else None
+
+
+def distill_ray(data, student: str, model_kwargs: dict, num_classes: int, preprocess: dict,
                 distill: dict, seed: int, storage_path: Path, name: str, num_workers: int, use_gpu: bool,
                 cpus_per_worker: float = 1.0, fault_after_epoch: int = -1, teacher_checkpoint: str | None = None,
                 callbacks: list | None = None, extra_metrics: dict | None = None):
     """Distill with a TorchTrainer of ``num_workers`` workers.
 
     Args:
-        data_dir: holds images.npy ((N, H, W, C) uint8), logits.npy ((N, K) float32; not read when
-            ``distill["teacher_outputs"] == "online"``), labeled.npz, and optionally val.npz (held-out labeled
-            images: rank 0 reports ``val_top1`` after every epoch).
+        data: the transfer set, its teacher outputs and the labeled images. Either a directory with images.npy
+            ((N, H, W, C) uint8), logits.npy ((N, K) float32), features.npy ((N, D) float16), labeled.npz and
+            optionally val.npz; or (what the pipeline passes, so workers on any node find it) a cache reference
+            ``{"storage": URI or path, "kind", "key", "labeled": {"images", "labels"}, "val": ... or None}``.
+            logits/features are not read in online mode; with validation images rank 0 reports ``val_top1``
+            after every epoch.
         name, storage_path: the Ray Train run identity; the same pair resumes from its latest checkpoint.
-        teacher_checkpoint: the adapted teacher (kt-model/1 file), loaded by every worker in online mode.
+        teacher_checkpoint: the adapted teacher (a kt-model/1 path, or a cache reference with ``file``),
+            loaded by every worker in online mode.
         callbacks: Ray Train callbacks, e.g. Tune's TuneReportCallback inside a sweep trial.
         extra_metrics: constants added to every epoch's report (e.g. the student's FLOPs for a sweep).
         fault_after_epoch: tests only: every worker process exits after this epoch's checkpoint (first start).
@@ -125,14 +154,15 @@ def distill_ray(data_dir: Path, student: str, model_kwargs: dict, num_classes: i
     ensure_ray()
     trainer = TorchTrainer(
         _train_fn,
-        train_loop_config=dict(data_dir=str(data_dir), student=student, model_kwargs=model_kwargs,
+        train_loop_config=dict(data=data if isinstance(data, dict) else str(data), student=student,
+                               model_kwargs=model_kwargs,
                                num_classes=num_classes, preprocess=preprocess, distill=distill, seed=seed,
                                threads_per_worker=max(1, int(cpus_per_worker)), fault_after_epoch=fault_after_epoch,
                                teacher_checkpoint=teacher_checkpoint, extra_metrics=extra_metrics or {}),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(name=name, storage_path=str(storage_path),
+        run_config=RunConfig(name=name, storage_path=str(storage_path),  # a local path or a storage URI
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=1), callbacks=callbacks or []),
     )

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from pathlib import Path
 
 from ray import tune  # this module is the Tune adapter: imported only when a sweep runs
@@ -44,7 +43,8 @@ def _searcher(space):
         alg = OptunaSearch(space=space.suggest, metric=[space.objective.metric, space.objective.compute],
                            mode=["max", "min"], sampler=sampler)
     else:
-        sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=min(10, max(2, s.num_trials // 3)))
+        startup = s.startup_trials or min(10, max(2, s.num_trials // 3))
+        sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=startup)
         alg = OptunaSearch(space=space.suggest, metric=space.objective.metric, mode="max", sampler=sampler)
     return ConcurrencyLimiter(alg, max_concurrent=s.max_concurrent_trials)
 
@@ -61,7 +61,7 @@ def _scheduler(space, max_epochs: int):
 
 
 def run_tune(sctx, max_epochs: int, callbacks: list, resume: bool):
-    """Run (or, with ``resume``, continue) the sweep's Tune experiment under ``<sweep_dir>/tune``.
+    """Run (or, with ``resume``, continue) the sweep's Tune experiment under ``<remote_dir>/tune``.
 
     Returns the list of Tune trials. A resumed experiment keeps its finished trials and searcher state;
     unfinished and errored trials run again (errored ones from scratch, each with its retries).
@@ -70,18 +70,18 @@ def run_tune(sctx, max_epochs: int, callbacks: list, resume: bool):
 
     ensure_ray()
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # experiment state at most 1 s behind (resume)
-    space, path = sctx.space, Path(sctx.sweep_dir) / EXPERIMENT
+    space, path = sctx.space, f"{sctx.remote_dir}/{EXPERIMENT}"
     r = space.resources
     trainable = tune.with_resources(tune.with_parameters(trial_trainable, sctx=sctx), {"CPU": r.trial_driver_cpus})
-    if resume and tune.Tuner.can_restore(str(path)):
+    if resume and tune.Tuner.can_restore(path):
         log.info("resuming Tune experiment %s", path)
-        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=_searcher(space), scheduler=_scheduler(space, max_epochs),
                                         num_samples=space.search.num_trials, reuse_actors=False),
-            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(Path(sctx.sweep_dir).resolve()),
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=sctx.remote_dir,  # a path or a storage URI
                                       callbacks=callbacks, verbose=0,  # TrialLedger logs a line per trial
                                       failure_config=tune.FailureConfig(max_failures=r.max_failures)))
     grid = tuner.fit()
@@ -112,33 +112,28 @@ class TrialLedger(tune.Callback):
         self.__dict__.update(state, _client=None, _runs={}, _done=set())
 
     @property
-    def client(self):
+    def runs(self):
         if self._client is None:
-            from mlflow.tracking import MlflowClient
+            from orchestrator.tracking import ChildRuns
 
-            self._client = MlflowClient(self.uri)
+            self._client = ChildRuns(self.uri, self.experiment_id, self.parent, "kt.trial_id")
         return self._client
 
     def _run_id(self, trial) -> str | None:
         tid = trial.trial_id
         if tid in self._runs or tid in self._done:
             return self._runs.get(tid)
-        found = self.client.search_runs([self.experiment_id], filter_string=(
-            f"tags.`kt.trial_id` = '{tid}' and tags.`mlflow.parentRunId` = '{self.parent}'"), max_results=1)
-        if found and found[0].info.status == "FINISHED":
+        found = self.runs.find(tid)
+        if found and found[1] == "FINISHED":
             self._done.add(tid)  # finished before a resume: leave it as it is
             return None
         if found:
-            run_id = found[0].info.run_id
-            self.client.update_run(run_id, status="RUNNING")
+            run_id = found[0]
+            self.runs.reopen(run_id)
         else:
-            run = self.client.create_run(self.experiment_id, run_name=f"trial-{tid}", tags={
-                "mlflow.parentRunId": self.parent, "kt.trial_id": tid, "kt.sweep": self.sweep})
-            run_id = run.info.run_id
             from orchestrator.tracking import flatten
 
-            params = flatten({k: v for k, v in trial.config.items()})
-            self.client.log_batch(run_id, params=_params(params))
+            run_id = self.runs.create(tid, f"trial-{tid}", flatten(dict(trial.config)), {"kt.sweep": self.sweep})
         self._runs[tid] = run_id
         return run_id
 
@@ -149,8 +144,9 @@ class TrialLedger(tune.Callback):
         keep = ("val_top1", "test_top1", "student_flops", "device_seconds", "train_flops", "images_seen",
                 "distilled_val_top1", "distilled_test_top1", "student_params", "transfer_set_size",
                 "teacher_forward_passes", "epoch", "distill_restarts")
+        tags = res.get("kt_tags") or {}
         row = {"trial_id": trial.trial_id, "status": status, **{k: res.get(k) for k in keep},
-               "params": dict(trial.config), "tags": res.get("kt_tags") or {}, "error": error}
+               "params": dict(trial.config), "tags": tags, "reused_from": tags.get("reused_from"), "error": error}
         d = Path(self.sweep_dir) / "trials" / trial.trial_id
         d.mkdir(parents=True, exist_ok=True)
         write_atomic(d / "row.json", json.dumps(row, indent=1, default=str))
@@ -162,19 +158,13 @@ class TrialLedger(tune.Callback):
         log.info("trial %s started: %s", trial.trial_id, describe(trial.config))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        from mlflow.entities import Metric
-
         run_id = self._run_id(trial)
         if run_id is None:
             return
-        step = int(result.get("training_iteration", 0))
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, step) for k, v in result.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in _TUNE_NOISE]
+        metrics = {k: v for k, v in result.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in _TUNE_NOISE}
         tags = {f"kt.{k}": str(v) for k, v in (result.get("kt_tags") or {}).items()}
-        from mlflow.entities import RunTag
-
-        self.client.log_batch(run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()])
+        self.runs.log(run_id, metrics, int(result.get("training_iteration", 0)), tags)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         final = bool((trial.last_result or {}).get("kt_final"))
@@ -185,12 +175,7 @@ class TrialLedger(tune.Callback):
         log.info("trial %s %s%s: val top-1 %.4f%s [%d of %d trials ended]", trial.trial_id, status,
                  "" if final else f" early (ASHA) after epoch {res.get('epoch')}", res.get("val_top1", float("nan")),
                  f", test top-1 {res['test_top1']:.4f}" if final else "", n_done, self.total)
-        run_id = self._run_id(trial)
-        if run_id is not None:
-            self.client.set_tag(run_id, "kt.status", status)
-            self.client.set_terminated(run_id, "FINISHED")
-            self._runs.pop(trial.trial_id, None)
-            self._done.add(trial.trial_id)
+        self._end(trial, "FINISHED", {"kt.status": status})
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         log.warning("trial %s failed (attempt %d); retrying it with the same config", trial.trial_id,
@@ -201,11 +186,12 @@ class TrialLedger(tune.Callback):
         msg = (str(err).strip().splitlines() or ["unknown error"])[-1][:500]
         log.error("trial %s failed after %d attempts: %s", trial.trial_id, trial.num_failures, msg)
         self._row(trial, "error", msg)
+        self._end(trial, "FAILED", {"kt.status": "error", "kt.error": msg})
+
+    def _end(self, trial, status: str, tags: dict[str, str]) -> None:
         run_id = self._run_id(trial)
         if run_id is not None:
-            self.client.set_tag(run_id, "kt.status", "error")
-            self.client.set_tag(run_id, "kt.error", msg)
-            self.client.set_terminated(run_id, "FAILED")
+            self.runs.end(run_id, status, tags)
             self._runs.pop(trial.trial_id, None)
             self._done.add(trial.trial_id)
 
@@ -213,8 +199,3 @@ class TrialLedger(tune.Callback):
 _TUNE_NOISE = {"timestamp", "time_this_iter_s", "time_total_s", "pid", "time_since_restore",
                "iterations_since_restore", "kt_final", "done", "training_iteration"}
 
-
-def _params(params: dict):
-    from mlflow.entities import Param
-
-    return [Param(k, str(v)[:6000]) for k, v in params.items()]

@@ -22,6 +22,7 @@ from typing import Any
 from orchestrator.cache import Cache, write_atomic
 from orchestrator.config import ConfigError, PipelineConfig, config_hash, load_task_yaml, resolve_config
 from orchestrator.sweeps.space import SearchSpace, _apply, base_tree, check_values, describe, load_space
+from orchestrator.storage import join
 from orchestrator.sweeps.trial import SweepContext, transfer_set_hash
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,11 @@ class SweepResult:
 
 
 def _task_tree(task: str | Path | dict, overrides: list[str] | None, smoke: bool) -> dict:
+    """The validated task config as a tree, with its storage made absolute (a path or URI): Tune runs each
+    trial in a working directory of its own, where a relative ``kt_runs`` would be another directory."""
     raw = task if isinstance(task, dict) else load_task_yaml(task)
-    return resolve_config(raw, overrides, smoke, source=str(task)).model_dump(mode="json")
+    cfg = resolve_config(raw, overrides, smoke, source=str(task))
+    return {**cfg.model_dump(mode="json"), "storage": cfg.storage_uri()}
 
 
 def prepare(sctx_args: dict, space: SearchSpace, base: dict, parent_tracker, sweep_dir: Path) -> SweepContext:
@@ -56,7 +60,7 @@ def prepare(sctx_args: dict, space: SearchSpace, base: dict, parent_tracker, swe
     task, split, dcomp = load_data(cfg0)
     import torch
 
-    ctx = Ctx(cfg0, Cache(cfg0.storage_path()), parent_tracker, sweep_dir, "cuda" if torch.cuda.is_available()
+    ctx = Ctx(cfg0, Cache(cfg0.storage_uri()), parent_tracker, sweep_dir, "cuda" if torch.cuda.is_available()
               else "cpu", task, split, nested_stages=False)
     stage_data(ctx, dcomp)
     teacher = stage_teacher(ctx)
@@ -81,7 +85,8 @@ def prepare(sctx_args: dict, space: SearchSpace, base: dict, parent_tracker, swe
     ctx.cfg = cfg0
     parent_tracker.metrics({"prepare.teacher_forward_passes": passes, "prepare.transfer_sets": len(sets),
                             "teacher_top1": ctx.stages["adapt_teacher"]["top1"]})
-    return SweepContext(name=sctx_args["name"], sweep_dir=str(sweep_dir), base=base, space=space,
+    return SweepContext(name=sctx_args["name"], sweep_dir=str(sweep_dir),
+                        remote_dir=join(cfg0.storage_uri(), "sweeps", sctx_args["name"]), base=base, space=space,
                         teacher_id=teacher[0], teacher_key=teacher[1], adapted=str(adapted), adapted_key=adapted_key,
                         teacher_flops=int(ctx.teacher_flops), transfer_sets=sets)
 

@@ -49,11 +49,12 @@ def _value(row: dict, key: str) -> float | None:
 
 
 def _points(rows: list[dict], objective: str, cost: str) -> list[tuple[float, float, dict]]:
-    """(cost, objective, row) of the completed rows that have both values."""
+    """(cost, objective, row) of the completed rows that have both values (not those that reused another
+    trial's result: that trial is the point)."""
     pts = []
     for r in rows:
         c, o = _value(r, cost), _value(r, objective)
-        if r.get("status") == "completed" and c is not None and o is not None:
+        if r.get("status") == "completed" and not r.get("reused_from") and c is not None and o is not None:
             pts.append((c, o, r))
     return pts
 
@@ -91,7 +92,9 @@ def best_per_budget(rows: list[dict], objective: str = "val_top1", cost: str = "
 
 
 def varying_params(rows: list[dict]) -> list[str]:
-    """The sorted params keys whose value differs between trials (missing counts as a value)."""
+    """The sorted params keys whose value differs between the trials that did not fail (missing counts as a
+    value); all trials if every one failed."""
+    rows = [r for r in rows if r.get("status") != "error"] or rows
     keys = sorted({k for r in rows for k in (r.get("params") or {})})
     seen = {k: {json.dumps((r.get("params") or {}).get(k), sort_keys=True, default=str) for r in rows}
             for k in keys}
@@ -151,12 +154,20 @@ def _panel(ax, rows: list[dict], objective: str, cost: str, scale: float, log: b
         xs, ys = [c / scale for c, _ in front], [100 * o for _, o in front]
         ax.step(xs, ys, where="post", color="tab:red", lw=1.5)
         ax.scatter(xs, ys, s=60, color="tab:red", zorder=3, label="Pareto front")
+    labels: dict[tuple[float, float], list[str]] = {}  # trials at one point share one label
     for c, o, r in done + stopped:
-        ax.annotate(trial_label(r), (c / scale, 100 * o), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        labels.setdefault((c / scale, 100 * o), []).append(trial_label(r))
+    for xy, names in labels.items():
+        ax.annotate(",".join(names), xy, fontsize=7, xytext=(3, 3), textcoords="offset points")
     if not done and not stopped:
         ax.text(0.5, 0.5, "no trials with these metrics", ha="center", va="center", transform=ax.transAxes)
     elif log and all(c > 0 for c, _, _ in done + stopped):
+        from matplotlib.ticker import FuncFormatter
+
         ax.set_xscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain)
     ax.grid(True, which="both", alpha=0.3)
     if done or stopped:
         ax.legend(fontsize=8, loc="lower right")

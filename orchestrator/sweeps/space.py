@@ -107,12 +107,15 @@ class Objective(Strict):
 
 class Search(Strict):
     """How many trials, how many at once, the sampler's seed; ``population_size``: NSGA-II's generation size
-    (multi-objective only; the first generation is drawn at random)."""
+    (multi-objective only; the first generation is drawn at random); ``startup_trials``: TPE's random start
+    (``num_trials`` makes a sweep's draws independent of its results, as the cache benchmark needs)."""
 
     num_trials: int = Field(8, gt=0)
     max_concurrent_trials: int = Field(1, gt=0)
     seed: int = 0
     population_size: int = Field(8, gt=1)
+    startup_trials: int | None = Field(
+        None, gt=0, description="TPE: random trials before it models the results [a third of num_trials, 2..10]")
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
 
 
@@ -122,7 +125,7 @@ class Resources(Strict):
 
     workers_per_trial: int = Field(1, gt=0)
     cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(0.0, ge=0)
+    gpus_per_worker: Literal[0, 1] = Field(0, description="0: CPU workers; 1: one GPU per Train worker")
     trial_driver_cpus: float = Field(0.1, gt=0, description="Ray rejects 0; the driver mostly waits")
     max_failures: int = Field(1, ge=0, description="retries of a failed trial (same config) before it is failed")
 

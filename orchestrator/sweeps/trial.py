@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from orchestrator.cache import Cache, write_atomic
 from orchestrator.config import PipelineConfig, config_hash, resolve_config
+from orchestrator.storage import join
 from orchestrator.sweeps.space import SearchSpace, _apply
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,9 @@ class SweepContext:
     """What every trial shares (picklable; built by the sweep driver after the prepare stage).
 
     Attributes:
-        sweep_dir: ``<storage>/sweeps/<name>``. base: the task config tree every trial starts from.
+        sweep_dir: ``<local storage>/sweeps/<name>`` (the driver's state: ledger, CSV, plot).
+        remote_dir: ``<storage URI>/sweeps/<name>``: the Tune experiment and each trial's Ray Train
+            checkpoints (the same as ``sweep_dir`` for local storage). base: the task config every trial starts from.
         teacher_id/teacher_key: the teacher before adaptation (loadable id, cache key).
         adapted/adapted_key: the adapted teacher checkpoint and its cache key; teacher_flops: its forward
             FLOPs per image.
@@ -36,6 +39,7 @@ class SweepContext:
 
     name: str
     sweep_dir: str
+    remote_dir: str
     base: dict
     space: SearchSpace
     teacher_id: str
@@ -68,7 +72,7 @@ def _ctx(sctx: SweepContext, cfg: PipelineConfig, tdir: Path):
 
     task, split, _ = load_data(cfg)
     # the trial driver holds no GPU (its Train workers do): finetuning on the few labels runs on its CPU
-    return Ctx(cfg, Cache(cfg.storage_path()), NullTracker(), tdir, "cpu", task, split,
+    return Ctx(cfg, Cache(cfg.storage_uri()), NullTracker(), tdir, "cpu", task, split,
                teacher_flops=sctx.teacher_flops, adapted=Path(sctx.adapted),
                cpus_per_worker=sctx.space.resources.cpus_per_worker)
 
@@ -109,74 +113,78 @@ def run_trial(sctx: SweepContext, trial_id: str, labels: dict[str, Any], report:
     finetune stage (paper stage 3) and evaluation run here. The final report has ``val_top1`` (after
     finetuning: the objective), ``test_top1``, ``student_flops`` (forward FLOPs per image), ``device_seconds``
     (distill + finetune), ``train_flops``, ``images_seen``, ``kt_final`` = 1 and ``kt_tags`` (str values).
+    A trial whose configuration equals a finished trial's reuses that result (tag ``reused_from``).
 
     Raises:
         ConfigError for a drawn configuration that does not validate; whatever a stage raises.
     """
-    import torch
-
-    from orchestrator.pipeline import stage_distill, stage_supervised
-    from orchestrator.stages.compute import forward_flops
-    from orchestrator.stages.evaluate import evaluate
-
     tdir = Path(sctx.sweep_dir) / "trials" / trial_id
     tdir.mkdir(parents=True, exist_ok=True)
     done = tdir / "final.json"
     if done.is_file():
-        final = json.loads(done.read_text())
         log.info("trial %s finished before; re-reporting its result", trial_id)
-        report(final)
-        return final
-    cfg = trial_config(sctx, labels)
-    write_atomic(tdir / "config.json", json.dumps(cfg.model_dump(mode="json"), indent=1))
-    twin = finished_twin(Path(sctx.sweep_dir), tdir, cfg)
-    if twin is not None:  # samplers can draw a configuration again (NSGA-II children, TPE on categoricals)
-        final = {**json.loads((twin / "final.json").read_text()), "reused_result": 1.0}
-        final["kt_tags"] = {**final["kt_tags"], "reused_from": twin.name, "trial_dir": str(tdir)}
-        log.info("trial %s has the configuration of finished trial %s: its result is reused", trial_id, twin.name)
+        final = json.loads(done.read_text())
+    else:
+        cfg = trial_config(sctx, labels)
+        write_atomic(tdir / "config.json", json.dumps(cfg.model_dump(mode="json"), indent=1))
+        twin = finished_twin(Path(sctx.sweep_dir), tdir, cfg)
+        if twin is not None:  # samplers can draw a configuration again (NSGA-II children, TPE on categoricals)
+            log.info("trial %s has the configuration of finished trial %s: its result is reused", trial_id, twin.name)
+            final = {**json.loads((twin / "final.json").read_text()), "reused_result": 1.0}
+            final["kt_tags"] = {**final["kt_tags"], "reused_from": twin.name, "trial_dir": str(tdir)}
+            _attempt(tdir, f"reused {twin.name}")
+        else:
+            _attempt(tdir, "start")
+            final = _train(sctx, cfg, trial_id, tdir, callbacks)
+            _attempt(tdir, "finished")
+            log.info("trial %s: val top-1 %.4f, test top-1 %.4f", trial_id, final["val_top1"], final["test_top1"])
         write_atomic(done, json.dumps(final, indent=1))
-        _attempt(tdir, f"reused {twin.name}")
-        report(final)
-        return final
-    _attempt(tdir, "start")
+    report(final)
+    return final
+
+
+def _train(sctx: SweepContext, cfg: PipelineConfig, trial_id: str, tdir: Path, callbacks: list | None) -> dict:
+    """Distill (Ray Train), finetune, evaluate on the validation and test images; the trial's final report."""
+    import torch
+
+    from orchestrator.pipeline import stage_distill, stage_supervised
+    from orchestrator.stages.evaluate import evaluate
+
     torch.set_num_threads(max(1, int(sctx.space.resources.cpus_per_worker)))
     ctx = _ctx(sctx, cfg, tdir)
     outputs, ts_info = _outputs(sctx, ctx, cfg)
-    from orchestrator.models.preprocess import Preprocess
-    from orchestrator.models.students import create_student
-
-    mean, std = ctx.task.pixel_stats()
-    h, w, c = ctx.task.train.images.shape[1:]
-    pre = Preprocess(c, (h, w), tuple(mean), tuple(std))
-    probe = create_student(cfg.student.id, ctx.task.num_classes, pre, cfg.student.model_kwargs)
-    fwd = forward_flops(probe, (c, h, w))
-    student, pre = stage_distill(ctx, outputs, "distill", run_name=trial_id, storage=Path(sctx.sweep_dir) / "train",
+    fwd = _student_flops(ctx, cfg)
+    student, pre = stage_distill(ctx, outputs, "distill", run_name=trial_id, storage=join(sctx.remote_dir, "train"),
                                  callbacks=callbacks, extra_metrics={"student_flops": float(fwd)})
-    val = ctx.task.train.subset(ctx.split.val)
-    k = ctx.task.num_classes
-    distilled_val = evaluate(student, pre, val, k, device=ctx.device).top1
-    distilled_test = evaluate(student, pre, ctx.task.test, k, device=ctx.device).top1
+    val, test, k = ctx.task.train.subset(ctx.split.val), ctx.task.test, ctx.task.num_classes
+    distilled = [evaluate(student, pre, x, k, device=ctx.device).top1 for x in (val, test)]
     student = stage_supervised(ctx, "finetune", student, pre, cfg.finetune)
-    final_val = evaluate(student, pre, val, k, device=ctx.device).top1
-    test = evaluate(student, pre, ctx.task.test, k, device=ctx.device).top1
+    final_val, final_test = [evaluate(student, pre, x, k, device=ctx.device).top1 for x in (val, test)]
     d, ft = ctx.stages["distill"], ctx.stages["finetune"]
-    final = {
-        "val_top1": final_val, "test_top1": test, "distilled_val_top1": distilled_val,
-        "distilled_test_top1": distilled_test, "student_flops": float(fwd),
+    passes = ctx.stages.get("teacher_inference", {}).get("teacher_forward_passes", 0) + d["teacher_forward_passes"]
+    return {
+        "val_top1": final_val, "test_top1": final_test, "distilled_val_top1": distilled[0],
+        "distilled_test_top1": distilled[1], "student_flops": float(fwd),
         "student_params": float(sum(p.numel() for p in student.parameters())),
         "device_seconds": d["device_seconds"] + ft["device_seconds"], "train_flops": d["flops"] + ft["flops"],
         "images_seen": float(d["images"] + ft["images"]), "distill_epochs": float(d["epochs"]),
         "distill_restarts": float(d["restarts"]), "transfer_set_size": float(ts_info["size"]),
-        "teacher_forward_passes": float(ctx.stages.get("teacher_inference", {}).get("teacher_forward_passes", 0)
-                                        + d["teacher_forward_passes"]),
-        "kt_final": 1.0,
+        "teacher_forward_passes": float(passes), "kt_final": 1.0,
         "kt_tags": {"teacher": sctx.teacher_id, "adapted_teacher.key": sctx.adapted_key,
                     "transfer_set.source": cfg.transfer_set.source, "transfer_set.key": ts_info["key"],
                     "teacher_outputs.key": Path(ts_info["dir"]).name, "student": cfg.student.id,
                     "trial_dir": str(tdir)},
     }
-    write_atomic(done, json.dumps(final, indent=1))
-    _attempt(tdir, "finished")
-    log.info("trial %s: val top-1 %.4f, test top-1 %.4f", trial_id, final_val, test)
-    report(final)
-    return final
+
+
+def _student_flops(ctx, cfg: PipelineConfig) -> int:
+    """The student's forward FLOPs per image at the task's resolution."""
+    from orchestrator.models.preprocess import Preprocess
+    from orchestrator.models.students import create_student
+    from orchestrator.stages.compute import forward_flops
+
+    mean, std = ctx.task.pixel_stats()
+    h, w, c = ctx.task.train.images.shape[1:]
+    student = create_student(cfg.student.id, ctx.task.num_classes, Preprocess(c, (h, w), tuple(mean), tuple(std)),
+                             cfg.student.model_kwargs)
+    return forward_flops(student, (c, h, w))

@@ -71,6 +71,29 @@ def test_second_run_hits_teacher_output_cache(smoke_storage):
     assert parents[-1].data.metrics["cache_hits_teacher_outputs"] == 1.0
 
 
+def test_storage_uri_is_shared_by_two_nodes(tmp_path):
+    """`--storage file://...` with two different local mirrors (two "nodes"): the second run finds the
+    stand-in, the adapted teacher and the teacher outputs the first one published, and its Ray Train run
+    lives under the storage URI, not the mirror."""
+    remote = tmp_path / "remote"
+    uri = remote.as_uri()
+    args = ["run", str(TASK), "--smoke", "--storage", uri, "--set", "baseline.enabled=false",
+            "--set", "distill.epochs=1"]
+    first = run_kt(*args, env={"KT_MIRROR": str(tmp_path / "node_a")})
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert list((remote / "cache" / "teacher_outputs").glob("*/_COMPLETE"))
+    assert list((remote / "ray_results").glob("distill-*/checkpoint_*"))
+    second = run_kt(*args, env={"KT_MIRROR": str(tmp_path / "node_b")})
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "teacher inference skipped" in second.stderr
+    _, parents, runs = mlflow_runs(tmp_path / "node_b")  # node B's own MLflow store, in its mirror
+    kids = children(runs, parents[-1])
+    assert kids["standin"].data.metrics["cache_hit"] == 1.0
+    assert kids["adapt_teacher"].data.metrics["cache_hit"] == 1.0
+    assert kids["teacher_inference"].data.metrics["teacher_forward_passes"] == 0
+    assert list((tmp_path / "node_b" / "cache" / "teacher_outputs").glob("*/logits.npy"))  # downloaded copy
+
+
 def test_retrieval_run_beside_its_random_control(smoke_storage, fmnist, tmp_path):
     """`kt run` with the retrieval source on a small mixed pool: manifest logged, control arm run, the share of
     on-task images reported for both."""

@@ -72,7 +72,7 @@ def test_retrieval_source_prefers_the_target_domain_and_is_stable(local_ray, fmn
     # same cache: every entry is a hit
     ctx.cache.hits.clear()
     build_transfer_set(ctx, _cfg(root))
-    assert ctx.cache.hits == {"embeddings": 1, "manifests": 1}
+    assert ctx.cache.hits == {"embeddings": 1, "index": 1, "manifests": 1}
 
 
 def test_class_balance_uses_the_adapted_teachers_pseudo_labels(local_ray, fmnist, pool, embedder,

@@ -79,7 +79,7 @@ def test_best_per_budget_explicit(rows):
 
 
 def test_varying_params_and_label(rows):
-    assert varying_params(rows) == ["distill.temperature", "optim.name", "student.width"]
+    assert varying_params(rows) == ["distill.temperature", "student.width"]  # optim.name: only a failed trial
     assert trial_label(rows[0]) == "00001"
     assert set(COSTS) == {"student_flops", "device_seconds"}
 
@@ -132,3 +132,10 @@ def test_print_sweep(rows):
     assert "best configuration per compute budget" in text
     assert "temperature" in text and "width" in text and "constant_knob" not in text
     assert "86.00" in text and "40.0" in text  # val top-1 % and MFLOPs/img of 00002
+
+
+def test_a_trial_that_reused_a_twin_is_not_a_second_point(rows):
+    twin = {**rows[0], "trial_id": "trial_00099", "reused_from": rows[0]["trial_id"]}
+    front = pareto_front(rows + [twin])
+    assert twin["trial_id"] not in {r["trial_id"] for r in front}
+    assert [r["trial_id"] for r in front] == [r["trial_id"] for r in pareto_front(rows)]

@@ -50,7 +50,8 @@ def test_shipped_spaces_validate_against_the_demo_task():
     ({"space": {"transfer_set.max_images": {"int": [10, 20]}}}, "transfer-set dimensions must be `choice`"),
     ({"space": {"teacher.adapt": {"choice": ["linear_probe", "finetune"]}}}, "shares the data, labels and adapted"),
     ({"space": {"distill.lr": {"uniform": [0.1, 0.2], "when": {"distill.epochs": 3}}}}, "not an earlier dimension"),
-    ({"space": {"distill.epochs": {"int": [1, 3]}, "distill.lr": {"uniform": [0.1, 0.2], "when": {"distill.epochs": 2}}}},
+    ({"space": {"distill.epochs": {"int": [1, 3]},
+                "distill.lr": {"uniform": [0.1, 0.2], "when": {"distill.epochs": 2}}}},
      "not a `choice` dimension"),
     ({"space": {"transfer_set.source": {"choice": ["generic"]},
                 "distill.lr": {"uniform": [0.1, 0.2], "when": {"transfer_set.source": "retrieval"}}}},
@@ -119,3 +120,10 @@ def test_base_tree_holds_out_validation_and_sets_resources():
     tree = base_tree(base, sp)
     assert tree["labels"]["val_per_class"] == 7 and tree["baseline"]["enabled"] is False
     assert tree["distill"]["num_workers"] == 3 and tree["distill"]["epochs"] == 2
+
+
+def test_trials_get_an_absolute_storage(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative storage must not follow each Tune trial into its own directory
+    tree = _task_tree(TASK, ["storage=rel_runs"], False)
+    assert tree["storage"] == str(tmp_path / "rel_runs")
+    assert _task_tree(TASK, ["storage=s3://bucket/kt"], False)["storage"] == "s3://bucket/kt"

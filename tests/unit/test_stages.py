@@ -7,7 +7,6 @@ from orchestrator.cache import Cache
 from orchestrator.config import DistillConfig, StandinConfig, TeacherConfig, TrainConfig, TransferSetConfig
 from orchestrator.data import make_split
 from orchestrator.models import Preprocess, create_student, load_teacher
-from orchestrator.models.teachers import load_model_checkpoint
 from orchestrator.stages.adapt_teacher import adapt_teacher
 from orchestrator.stages.compute import Meter, forward_flops, train_flops
 from orchestrator.stages.distill import DistillData, distill_local

@@ -1,0 +1,125 @@
+"""`kt submit` / `orchestrator.submit` against a real local Ray cluster (`ray start --head --block` on
+127.0.0.1 with the Jobs API, token auth on): a smoke sweep submitted both ways runs to SUCCEEDED and leaves its
+MLflow runs; a failing job shows its log tail and exits non-zero; an unreachable cluster is a clear error.
+The test stops exactly the cluster it started (it terminates its own `ray start --block` child)."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+import orchestrator
+from orchestrator.ray_adapters.jobs import client
+from tests.conftest import ROOT, TASK, run_kt
+
+pytestmark = pytest.mark.e2e
+
+SPACE = {"name": "jobs", "search": {"num_trials": 2, "max_concurrent_trials": 2, "seed": 0},
+         "resources": {"cpus_per_worker": 0.9, "trial_driver_cpus": 0.1},
+         "validation_per_class": 5,
+         "fixed": {"distill.epochs": 1, "distill.batch_size": 64, "finetune.epochs": 1, "transfer_set.max_images": 200,
+                   "student": {"id": "timm/resnet10t", "model_kwargs": {"channels": [8, 16, 32, 64], "stem_width": 8}}},
+         "space": {"distill.temperature": {"loguniform": [1.0, 8.0]}}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A real single-node cluster: head on 127.0.0.1, dashboard + Jobs API on a free port, 2 CPUs."""
+    dash = free_port()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    log = open(tmp_path_factory.mktemp("ray") / "ray_start.log", "w")
+    p = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", "2",
+                          "--node-ip-address", "127.0.0.1", "--port", str(free_port()), "--dashboard-host", "127.0.0.1",
+                          "--dashboard-port", str(dash), "--disable-usage-stats"],
+                         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert p.poll() is None, open(log.name).read()[-3000:]
+            try:
+                client(address).list_jobs()
+                break
+            except Exception:
+                if time.time() > deadline:
+                    raise
+                time.sleep(1)
+        yield address
+    finally:
+        os.killpg(p.pid, signal.SIGTERM)  # `ray start --block` stops its own cluster on SIGTERM
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def mlflow_sweep_runs(storage: Path, name: str):
+    client = mlflow.MlflowClient(f"sqlite:///{storage}/mlflow.db")
+    exp = client.get_experiment_by_name("fashion_mnist_smoke")
+    runs = client.search_runs([exp.experiment_id])
+    [parent] = [r for r in runs if r.data.tags.get("kt.sweep") == name and r.data.tags.get("kt.kind") == "sweep"]
+    return parent, [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+
+
+def test_sweep_submitted_with_cli_and_python_api_succeeds(cluster, tmp_path):
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))
+    storage = tmp_path / "store"
+    r = run_kt("submit", "--address", cluster, "--working-dir", str(ROOT), "--follow", "sweep",
+               str(tmp_path / "space.yaml"), "--task", str(TASK), "--smoke", "--storage", str(storage),
+               "--name", "via-cli", timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "submitted job" in r.stdout and "SUCCEEDED" in r.stdout and "Pareto front" in r.stdout
+    parent, kids = mlflow_sweep_runs(storage, "via-cli")
+    assert parent.info.status == "FINISHED" and len(kids) == 2
+
+    job = orchestrator.submit(["sweep", str(tmp_path / "space.yaml"), "--task", str(TASK), "--smoke",
+                               "--storage", str(storage), "--name", "via-api"], address=cluster, working_dir=ROOT)
+    assert job.wait(timeout=900) == "SUCCEEDED", job.logs(tail=40)
+    assert "Pareto front" in job.logs()
+    parent, kids = mlflow_sweep_runs(storage, "via-api")
+    assert len(kids) == 2 and {k.info.status for k in kids} == {"FINISHED"}
+    listed = run_kt("jobs", "--address", cluster, timeout=120)
+    assert listed.returncode == 0 and job.job_id in listed.stdout and "SUCCEEDED" in listed.stdout
+    st = run_kt("status", job.job_id, "--address", cluster, timeout=120)
+    assert st.returncode == 0 and st.stdout.strip() == "SUCCEEDED"
+
+
+def test_failing_job_shows_its_log_tail_and_exits_nonzero(cluster, tmp_path):
+    r = run_kt("submit", "--address", cluster, "--working-dir", str(ROOT), "--follow", "run", str(TASK), "--smoke",
+               "--storage", str(tmp_path), "--set", "distill.temprature=2", timeout=600)
+    assert r.returncode == 1, r.stdout[-2000:]
+    assert "FAILED" in r.stdout and "last lines of its log" in r.stderr
+    assert "unknown config key 'distill.temprature'" in r.stderr.replace("\n", " ")
+    job_id = r.stdout.split("submitted job ", 1)[1].split()[0]
+    assert run_kt("status", job_id, "--address", cluster, timeout=120).returncode == 1
+    lg = run_kt("logs", job_id, "--address", cluster, timeout=120)
+    assert lg.returncode == 0 and "distill.temprature" in lg.stdout
+
+
+def test_unreachable_cluster_is_a_clear_error():
+    r = run_kt("jobs", "--address", f"http://127.0.0.1:{free_port()}", timeout=120)
+    assert r.returncode == 2 and "cannot reach the Ray Jobs API" in r.stderr.replace("\n", " ")
+
+
+def test_oversized_working_dir_is_refused(tmp_path, monkeypatch):
+    from orchestrator.ray_adapters import jobs
+
+    (tmp_path / "blob.bin").write_bytes(b"\0" * 2048)
+    monkeypatch.setattr(jobs, "MAX_WORKING_DIR_BYTES", 1024)
+    with pytest.raises(jobs.JobsError, match="over Ray's .* upload limit"):
+        jobs.runtime_env(tmp_path, {})
+    assert jobs.working_dir_size(tmp_path, ["*.bin"]) == 0  # excluded files are not counted
