@@ -115,6 +115,9 @@ class TeacherConfig(Strict):
     finetune: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=10, lr=1e-4))
     inference_batch_size: int = Field(512, gt=0)
     inference_actors: int = Field(2, gt=0, description="Ray Data actors, each holding the teacher once")
+    inference_gpus: float | None = Field(
+        None, ge=0, description="GPUs per teacher-inference / pool-embedding actor [1 if the driver sees a GPU, "
+        "else 0]; set 1 on a cluster whose head has no GPU (cluster.yaml) so the actors go to GPU workers")
 
 
 class PoolConfig(Strict):

@@ -55,6 +55,12 @@ class Ctx:
     cpus_per_worker: float = 1.0  # Ray Train worker CPUs (a sweep trial may use fractions)
     nested_stages: bool = True  # one nested MLflow run per stage; False: ``<stage>.<metric>`` on the current run
 
+    def actor_gpus(self) -> float:
+        """GPUs per Ray Data actor (teacher inference, pool embedding): ``teacher.inference_gpus``, else 1 when
+        this driver sees a GPU."""
+        g = self.cfg.teacher.inference_gpus
+        return float(g) if g is not None else (1.0 if self.device == "cuda" else 0.0)
+
     def cache_ref(self, entry: Path) -> dict:
         """A reference to cache entry ``entry`` (``<root>/<kind>/<key>``) that Ray workers on any node resolve."""
         return {"storage": self.cfg.storage_uri(), "kind": entry.parent.name, "key": entry.name}
@@ -121,8 +127,8 @@ def stage_adapt(ctx: Ctx, teacher_id: str, teacher_key: str) -> tuple[Path, str]
 
     cfg, task = ctx.cfg, ctx.task
     key = config_hash({"teacher": teacher_key, "split": ctx.split.key(), "data": task.train.content_hash(),
-                       "adapt": cfg.teacher.model_dump(mode="json", exclude={"inference_batch_size",
-                                                                            "inference_actors"})})
+                       "adapt": cfg.teacher.model_dump(mode="json", exclude={
+                           "inference_batch_size", "inference_actors", "inference_gpus"})})
     labeled = task.train.subset(ctx.split.labeled)
     hit = ctx.cache.lookup("adapted_teacher", key)
     fwd = None
@@ -163,7 +169,7 @@ def stage_transfer_set(ctx: Ctx, teacher: tuple[str, str], adapted: Path, adapte
     cfg = ctx.cfg
     kwargs = {} if parse_model_id(teacher[0]).namespace == "checkpoint" else cfg.teacher.model_kwargs
     tctx = TransferContext(ctx.task, ctx.split, ctx.cache, teacher[0], teacher[1], kwargs, adapted, adapted_key,
-                           1.0 if ctx.device == "cuda" else 0.0)
+                           ctx.actor_gpus())
     with Meter() as mt:
         ts = build_transfer_set(tctx, cfg.transfer_set)
     ctx.record("transfer_set", mt.result, size=len(ts), **ts.info)
@@ -193,7 +199,7 @@ def stage_teacher_outputs(ctx: Ctx, ts, adapted: Path, adapted_key: str, stage: 
             with Meter(devices=cfg.teacher.inference_actors) as m:
                 logits, feats = teacher_inference(str(adapted), ts.images, tmp / "shards",
                                                   cfg.teacher.inference_batch_size, cfg.teacher.inference_actors,
-                                                  1.0 if ctx.device == "cuda" else 0.0, features=True)
+                                                  ctx.actor_gpus(), features=True)
             m.result.images = forward_passes = len(ts)
             m.result.flops = ctx.teacher_flops * len(ts)
             meta["compute"] = m.result.to_dict()
