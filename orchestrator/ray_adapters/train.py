@@ -60,7 +60,8 @@ def _train_fn(config: dict) -> None:
     log["starts"].append(start)
     ddp = ray.train.torch.prepare_model(model) if world > 1 else model
     fault = config.get("fault_after_epoch", -1)  # test-only fault injection: the worker processes die once
-    marker = Path(tempfile.gettempdir()) / f".kt-fault-injected-{ctx.get_experiment_name()}"
+    where = Path(config["data"]) if isinstance(config["data"], str) else Path(tempfile.gettempdir())
+    marker = where / f".fault-injected-{ctx.get_experiment_name()}"
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         loss = distill_epoch(ddp, opt, sched, data, pre, cfg, epoch, config["seed"], rank, world, device)
