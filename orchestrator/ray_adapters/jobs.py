@@ -5,6 +5,7 @@ directory; it writes to the storage root and MLflow store configured for the clu
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shlex
@@ -100,8 +101,8 @@ class JobHandle:
     job_id: str
     address: str
 
-    @property
-    def _client(self):
+    @functools.cached_property
+    def _client(self):  # one connection per handle, not one per status poll
         return client(self.address)
 
     def status(self) -> str:

@@ -76,17 +76,10 @@ def online_teacher(checkpoint: str | Path, device: str = "cpu"
                    ) -> Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]:
     """Load an adapted-teacher checkpoint for online distillation: returns ``f(images)`` mapping (B, H, W, C)
     uint8 to ((B, K) logits, (B, D) features), float32 on ``device`` (eval mode, no gradients, the teacher's
-    own preprocessing)."""
-    from orchestrator.models.teachers import load_model_checkpoint
+    own preprocessing): :meth:`TeacherPredictor.outputs`, the same computation as cached teacher inference."""
+    from orchestrator.stages.teacher_outputs import TeacherPredictor
 
-    teacher = load_model_checkpoint(checkpoint).to(device).eval()
-
-    @torch.no_grad()  # not inference_mode: the outputs are used as targets in an autograd graph
-    def run(images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        f = teacher.features(teacher.preprocess(images).to(device))  # (B, D) float32
-        return teacher.head(f).float(), f.float()
-
-    return run
+    return TeacherPredictor(str(checkpoint), device=str(device)).outputs
 
 
 def make_optimizer(model: nn.Module, cfg: DistillConfig, n: int, world: int = 1):

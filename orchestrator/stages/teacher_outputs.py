@@ -30,12 +30,15 @@ class TeacherPredictor:
         self.teacher = load_model_checkpoint(checkpoint).to(self.device).eval()
         self.features = features
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: online distillation uses the outputs as targets in a graph
+    def outputs(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, H, W, C) uint8 -> ((B, K) logits, (B, D) features), float32 on ``self.device``."""
+        f = self.teacher.features(self.teacher.preprocess(np.asarray(images)).to(self.device)).float()
+        return self.teacher.head(f).float(), f
+
     def __call__(self, batch: dict) -> dict:
-        x = self.teacher.preprocess(np.asarray(batch["image"])).to(self.device)  # (B, C, H, W) float32
-        f = self.teacher.features(x)  # (B, D) float32
-        out = {"index": np.asarray(batch["index"], np.int64),
-               "logits": self.teacher.head(f).float().cpu().numpy()}  # (B, K) float32
+        logits, f = self.outputs(batch["image"])
+        out = {"index": np.asarray(batch["index"], np.int64), "logits": logits.cpu().numpy()}  # (B, K) float32
         if self.features:
             out["features"] = f.half().cpu().numpy()  # (B, D) float16: targets of the feature loss
         return out

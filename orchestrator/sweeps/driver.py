@@ -21,7 +21,7 @@ from typing import Any
 
 from orchestrator.cache import Cache, write_atomic
 from orchestrator.config import ConfigError, PipelineConfig, config_hash, load_task_yaml, resolve_config
-from orchestrator.sweeps.space import SearchSpace, _apply, base_tree, check_values, describe, load_space
+from orchestrator.sweeps.space import SearchSpace, apply_overrides, base_tree, check_values, describe, load_space
 from orchestrator.storage import join
 from orchestrator.sweeps.trial import SweepContext, transfer_set_hash
 
@@ -50,7 +50,7 @@ def _task_tree(task: str | Path | dict, overrides: list[str] | None, smoke: bool
     return {**cfg.model_dump(mode="json"), "storage": cfg.storage_uri()}
 
 
-def prepare(sctx_args: dict, space: SearchSpace, base: dict, parent_tracker, sweep_dir: Path) -> SweepContext:
+def prepare(name: str, space: SearchSpace, base: dict, parent_tracker, sweep_dir: Path) -> SweepContext:
     """Shared stages, cached: teacher (stand-in if needed), adaptation, every transfer set and its teacher
     outputs. Stage metrics go on the sweep's parent run as ``<stage>.<metric>``."""
     from orchestrator.pipeline import (Ctx, load_data, stage_adapt, stage_data, stage_teacher,
@@ -68,7 +68,7 @@ def prepare(sctx_args: dict, space: SearchSpace, base: dict, parent_tracker, swe
     sets: dict[str, dict] = {}
     passes = 0
     for i, labels in enumerate(space.transfer_set_variants()):
-        cfg = resolve_config(_apply(base, space.overrides(labels)), source=f"(transfer set {describe(labels)})")
+        cfg = resolve_config(apply_overrides(base, space.overrides(labels)), source=f"(transfer set {describe(labels)})")
         h = transfer_set_hash(cfg)
         if h in sets:
             continue
@@ -85,8 +85,8 @@ def prepare(sctx_args: dict, space: SearchSpace, base: dict, parent_tracker, swe
     ctx.cfg = cfg0
     parent_tracker.metrics({"prepare.teacher_forward_passes": passes, "prepare.transfer_sets": len(sets),
                             "teacher_top1": ctx.stages["adapt_teacher"]["top1"]})
-    return SweepContext(name=sctx_args["name"], sweep_dir=str(sweep_dir),
-                        remote_dir=join(cfg0.storage_uri(), "sweeps", sctx_args["name"]), base=base, space=space,
+    return SweepContext(name=name, sweep_dir=str(sweep_dir),
+                        remote_dir=join(cfg0.storage_uri(), "sweeps", name), base=base, space=space,
                         teacher_id=teacher[0], teacher_key=teacher[1], adapted=str(adapted), adapted_key=adapted_key,
                         teacher_flops=int(ctx.teacher_flops), transfer_sets=sets)
 
@@ -139,7 +139,7 @@ def sweep(space: str | Path | dict, task: str | Path | dict, overrides: list[str
         write_atomic(state_file, json.dumps({"name": name, "spec": spec, "parent_run_id": parent,
                                              "tracking_uri": uri, "experiment": cfg0.tracking.experiment,
                                              "status": "running"}, indent=1))
-        sctx = prepare({"name": name}, sp, base, tracker, sweep_dir)
+        sctx = prepare(name, sp, base, tracker, sweep_dir)
         write_atomic(sweep_dir / "transfer_sets.json", json.dumps(sctx.transfer_sets, indent=1, default=str))
         from orchestrator.ray_adapters.tune import TrialLedger, run_tune
 

@@ -269,25 +269,17 @@ def trial_configs(space: SearchSpace, base: dict) -> list[tuple[str, dict]]:
             labels = {key: value}
             for ref, want in (dim.when or {}).items():
                 labels[ref] = want[0] if isinstance(want, list) else want
-            tree = dict(base)
-            for k, v in space.overrides(labels).items():
-                tree = _set(tree, k, v)
-            out.append((f"space.{key}={value!r}", tree))
-    return out or [("fixed", _apply(base, space.fixed))]
+            out.append((f"space.{key}={value!r}", apply_overrides(base, space.overrides(labels))))
+    return out or [("fixed", apply_overrides(base, space.fixed))]
 
 
-def _set(tree: dict, key: str, value: Any) -> dict:
+def apply_overrides(base: dict, overrides: dict[str, Any]) -> dict:
+    """A deep copy of ``base`` with dotted ``overrides`` set (values of any type, sections included)."""
     import copy
 
-    t = copy.deepcopy(tree)
-    set_dotted(t, key, value)
-    return t
-
-
-def _apply(base: dict, overrides: dict[str, Any]) -> dict:
-    tree = base
+    tree = copy.deepcopy(base)
     for k, v in overrides.items():
-        tree = _set(tree, k, v)
+        set_dotted(tree, k, v)
     return tree
 
 
@@ -334,7 +326,7 @@ def base_tree(task_tree: dict, space: SearchSpace) -> dict:
     tree = deep_merge(task_tree, {"labels": {"val_per_class": space.validation_per_class},
                                   "baseline": {"enabled": False},
                                   "distill": {"num_workers": r.workers_per_trial, "use_gpu": r.gpus_per_worker > 0}})
-    return _apply(tree, space.fixed)
+    return apply_overrides(tree, space.fixed)
 
 
 def describe(labels: dict[str, Any]) -> str:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from orchestrator.cache import Cache, write_atomic
 from orchestrator.config import PipelineConfig, config_hash, resolve_config
 from orchestrator.storage import join
-from orchestrator.sweeps.space import SearchSpace, _apply
+from orchestrator.sweeps.space import SearchSpace, apply_overrides
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class SweepContext:
 
 def trial_config(sctx: SweepContext, labels: dict[str, Any]) -> PipelineConfig:
     """The validated pipeline config of a trial: base task, ``fixed``, then the drawn labels."""
-    return resolve_config(_apply(sctx.base, sctx.space.overrides(labels)), source=f"(sweep {sctx.name} trial)")
+    return resolve_config(apply_overrides(sctx.base, sctx.space.overrides(labels)), source=f"(sweep {sctx.name} trial)")
 
 
 def transfer_set_hash(cfg: PipelineConfig) -> str:
