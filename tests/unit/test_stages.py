@@ -163,6 +163,21 @@ def test_evaluate_scores_and_plots(tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_counting_flops_leaves_a_trained_model_untouched(fmnist):
+    """A training-mode forward pass moves BatchNorm running statistics: counting must not touch the model."""
+    from orchestrator.models import Preprocess, create_student
+    from tests.conftest import TINY_RESNET
+
+    m = create_student("timm/resnet10t", 10, Preprocess(1, (28, 28), (0.3,), (0.35,)), TINY_RESNET)
+    m.train()(Preprocess(1, (28, 28), (0.3,), (0.35,))(fmnist.train.images[:64]))  # real-image statistics
+    m.eval()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    train_flops(m, (1, 28, 28)), forward_flops(m, (1, 28, 28))
+    after = m.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and not m.training
+    assert all(p.grad is None for p in m.parameters())
+
+
 def test_flops_counts_match_linear_layer():
     m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
     assert forward_flops(m, (3, 2, 2)) == 2 * 12 * 5

@@ -1,0 +1,36 @@
+"""A resumed sweep must not train again a trial whose end the driver already recorded (its row.json)."""
+import json
+from types import SimpleNamespace
+
+from orchestrator.sweeps.trial import run_trial
+
+
+def _trial_dir(tmp_path, status: str, final: bool = False):
+    tdir = tmp_path / "trials" / "t1"
+    tdir.mkdir(parents=True)
+    (tdir / "attempts.log").write_text("2026-12-01T08:15:39 start\n")
+    row = {"trial_id": "t1", "status": status, "val_top1": 0.42, "epoch": 1, "test_top1": None,
+           "tags": {"student": "timm/resnet10t"}}
+    (tdir / "row.json").write_text(json.dumps(row))
+    if final:
+        (tdir / "final.json").write_text(json.dumps({"val_top1": 0.5, "kt_final": 1.0, "kt_tags": {}}))
+    return tdir
+
+
+def test_trial_stopped_early_before_the_kill_is_re_reported_not_retrained(tmp_path):
+    tdir = _trial_dir(tmp_path, "stopped")
+    reports = []
+    # a context without a space or teacher: training would fail at once, so returning proves it did not train
+    out = run_trial(SimpleNamespace(sweep_dir=str(tmp_path)), "t1", {}, reports.append)
+    assert reports == [out] and out["val_top1"] == 0.42 and out["epoch"] == 1 and "kt_final" not in out
+    assert out["kt_tags"] == {"student": "timm/resnet10t"}
+    log = (tdir / "attempts.log").read_text()
+    assert log.count(" start") == 1 and "re-reported its early stop" in log
+
+
+def test_finished_trial_re_reports_its_final_result(tmp_path):
+    tdir = _trial_dir(tmp_path, "completed", final=True)
+    reports = []
+    out = run_trial(SimpleNamespace(sweep_dir=str(tmp_path)), "t1", {}, reports.append)
+    assert out["kt_final"] == 1.0 and out["val_top1"] == 0.5 and reports == [out]
+    assert (tdir / "attempts.log").read_text().count("start") == 1
