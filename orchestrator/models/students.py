@@ -24,12 +24,13 @@ def student_preprocess(model_id: str, model_kwargs: dict | None, task: "TaskData
     h, w, c = task.train.images.shape[1:]
     size = (model_kwargs or {}).get("input_size")
     hw = (int(size), int(size)) if size else (h, w)
-    if parse_model_id(model_id).namespace == "pypi":
+    mid = parse_model_id(model_id)
+    if mid.namespace == "pypi":
         import timm
 
         from orchestrator.models.pretrained import WEIGHT_PACKAGES
 
-        cfg = timm.get_pretrained_cfg(WEIGHT_PACKAGES.get(parse_model_id(model_id).name).timm_arch)
+        cfg = timm.get_pretrained_cfg(WEIGHT_PACKAGES.get(mid.name).timm_arch)
         return Preprocess(c, hw, tuple(cfg.mean[:1] * c), tuple(cfg.std[:1] * c))  # mean/std equal over RGB
     mean, std = task.pixel_stats()
     return Preprocess(c, hw, tuple(mean), tuple(std))

