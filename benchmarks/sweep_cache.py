@@ -64,15 +64,17 @@ def warm_teacher(task: str, overrides: list[str]):
     from orchestrator.config import load_config
     from orchestrator.models.preprocess import Preprocess
     from orchestrator.models.students import create_student
-    from orchestrator.pipeline import Ctx, load_data, stage_adapt, stage_teacher
+    from orchestrator.methods.common import ensure_adapted, load_data, stage_data
+    from orchestrator.run_context import Ctx
     from orchestrator.stages.compute import forward_flops
     from orchestrator.tracking import NullTracker
 
     cfg = load_config(task, overrides)
-    data, split, _ = load_data(cfg)
+    data, split, dcomp = load_data(cfg)
     ctx = Ctx(cfg, Cache(cfg.storage_uri()), NullTracker(), cfg.storage_path() / "runs", "cpu", data, split)
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
-    stage_adapt(ctx, *stage_teacher(ctx))
+    stage_data(ctx, dcomp)
+    ensure_adapted(ctx)
     h, w, c = data.train.images.shape[1:]
     mean, std = data.pixel_stats()
     student = create_student(STUDENT["id"], data.num_classes, Preprocess(c, (h, w), tuple(mean), tuple(std)),

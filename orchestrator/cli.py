@@ -50,8 +50,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from orchestrator.stages.curate import EmptyTransferSetError
     from orchestrator.stages.index import IndexMismatchError
 
+    from orchestrator.similarity.core import SimilarityError
+
     return (ConfigError, DataError, ModelIdError, ModelLoadError, UnknownNameError, EmptyTransferSetError,
-            IndexMismatchError, DeployError, InputShapeError)
+            IndexMismatchError, DeployError, InputShapeError, SimilarityError)
 
 
 @app.command()
@@ -107,6 +109,67 @@ def sweep(space: Path = typer.Argument(..., help="search space YAML, e.g. search
             _fail(e)
     if result.metrics.get("trials_failed"):
         raise typer.Exit(1)
+
+
+@app.command()
+def compare(task: Path = typer.Argument(..., help="task YAML, e.g. tasks/fashion_mnist.yaml"),
+            methods: Optional[str] = typer.Option(None, "--methods", help="comma-separated methods [all; `kt methods`]"),
+            seeds: str = typer.Option("0,1,2", "--seeds", help="comma-separated student seeds"),
+            set: Optional[List[str]] = SetOpt, smoke: bool = SmokeOpt, storage: Optional[str] = StorageOpt) -> None:
+    """Every method on the same labels, student, transfer set and seeds: top-1 mean +- std, gain over
+    supervised-only, student FLOPs and the transfer compute each spent (MLflow parent run, CSV, plots)."""
+    _setup_logging()
+    try:
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    except ValueError:
+        _fail(ValueError(f"--seeds takes comma-separated integers, e.g. --seeds 0,1,2, not {seeds!r}"))
+    try:
+        overrides = list(set or []) + ([f"storage={storage}"] if storage else [])
+        from orchestrator.compare import compare as run_compare
+
+        result = run_compare(task, [m.strip() for m in methods.split(",")] if methods else None, seed_list,
+                             overrides, smoke)
+    except _user_errors() as e:
+        _fail(e)
+    from orchestrator.report import print_compare
+
+    print_compare(result)
+
+
+@app.command("rank-sources")
+def rank_sources_cmd(task: Path = typer.Argument(..., help="task YAML with a `sources:` zoo"),
+                     evaluate: bool = typer.Option(False, "--evaluate", help="also measure each source's transfer "
+                                                   "accuracy (linear probe) and each ranking's tau/rho/regret"),
+                     distill: bool = typer.Option(False, "--distill", help="with --evaluate: actual accuracy = a "
+                                                  "student distilled from each source alone (slow)"),
+                     metrics: Optional[str] = typer.Option(None, "--metrics", help="comma-separated [all]"),
+                     set: Optional[List[str]] = SetOpt, smoke: bool = SmokeOpt,
+                     storage: Optional[str] = StorageOpt) -> None:
+    """Paper 2: score every zoo source for the task with every similarity metric (score, rank, feature dim,
+    FLOPs, scoring seconds); --evaluate ranks the metrics against the sources' actual transfer accuracy."""
+    _setup_logging()
+    try:
+        from orchestrator.similarity import SimilarityError
+        from orchestrator.source_ranking import rank_sources
+
+        overrides = list(set or []) + ([f"storage={storage}"] if storage else [])
+        result = rank_sources(task, overrides, smoke, evaluate, distill,
+                              [m.strip() for m in metrics.split(",")] if metrics else None)
+    except _user_errors() + (SimilarityError,) as e:
+        _fail(e)
+    from orchestrator.report import print_rank_sources
+
+    print_rank_sources(result)
+
+
+@app.command("methods")
+def methods_cmd() -> None:
+    """List the registered methods (the values of `method:`) and where each comes from."""
+    from orchestrator.methods import METHODS
+
+    for name in METHODS.names():
+        m = METHODS.get(name)
+        typer.echo(f"{name:16s} {m.summary} [{m.source}]")
 
 
 TrialOpt = typer.Option(None, "--trial", help="with a sweep: the trial id (or a unique prefix or suffix)")

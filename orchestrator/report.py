@@ -154,3 +154,59 @@ def print_sweep_dir(sweep_dir, console=None) -> None:
 def print_sweep_result(result, console=None) -> None:
     """`kt sweep`'s summary: :func:`print_sweep_dir` for the finished sweep."""
     print_sweep_dir(result.sweep_dir, console)
+
+
+def print_compare(result, console=None) -> None:
+    """The `kt compare` table: per method, test top-1 mean +- std over seeds, gain over supervised-only
+    (points), student MFLOPs/image, transfer TFLOPs and device-seconds; then where the CSV and plots are."""
+    from rich.console import Console
+    from rich.table import Table
+
+    import sys
+
+    con = console or Console(width=None if sys.stdout.isatty() else 160)
+    seeds = max(s["seeds"] for s in result.summary)
+    t = Table(title=f"methods compared ({seeds} seeds; same labels, student, transfer set)")
+    for col in ("method", "top-1 (mean ± std)", "gain vs supervised", "MFLOPs/img", "transfer TFLOPs",
+                "transfer device-s"):
+        t.add_column(col, justify="left" if col == "method" else "right")
+    for s in sorted(result.summary, key=lambda s: -s["top1_mean"]):
+        t.add_row(s["method"], f"{100 * s['top1_mean']:.2f} ± {100 * s['top1_std']:.2f}",
+                  "" if s["method"] == "supervised" else f"{s['gain_points']:+.2f}", f"{s['student_mflops']:.1f}",
+                  f"{s['transfer_tflops']:.3f}", f"{s['transfer_device_seconds']:.0f}")
+    con.print(t)
+    con.print(f"rows (compare.csv), plots (compare_top1.png, compare_compute.png): {result.out_dir}")
+    con.print(f"MLflow: parent run {result.parent_run_id}, one child run per method x seed; {result.tracking_uri}")
+
+
+def print_rank_sources(result, console=None) -> None:
+    """`kt rank-sources`: per source, every metric's score and rank, feature dim, MFLOPs/image, scoring seconds
+    (and with --evaluate the actual transfer top-1); then per metric and static ranking Kendall tau, Spearman
+    rho and top-1 regret against the actual accuracy."""
+    from rich.console import Console
+    from rich.table import Table
+
+    con = console or Console()
+    metrics = list(dict.fromkeys(r["metric"] for r in result.rows))
+    cell = {(r["metric"], r["source"]): r for r in result.rows}
+    t = Table(title=f"zoo sources for {result.task}: score (rank) per similarity metric")
+    for col in ["source", "trained on", "dim", "MFLOPs/img"] + metrics + (["actual top-1"] if result.actual else []):
+        t.add_column(col, justify="left" if col in ("source", "trained on") else "right")
+    for s in sorted(result.sources, key=lambda s: -s.get("actual_top1", 0)):
+        cells = [f"{cell[(m, s['source'])]['score']:.3g} ({cell[(m, s['source'])]['rank']})" for m in metrics]
+        t.add_row(s["source"], s["trained_on"], str(s["feature_dim"]), f"{s['mflops']:.1f}", *cells,
+                  *([f"{100 * s['actual_top1']:.2f}"] if result.actual else []))
+    con.print(t)
+    secs = {m: sum(cell[(m, s["source"])]["seconds"] for s in result.sources) for m in metrics}
+    con.print("scoring seconds (all sources): " + ", ".join(f"{m} {v:.2f}" for m, v in secs.items()))
+    for m, why in result.skipped.items():
+        con.print(f"[yellow]skipped {m}[/]: {why}")
+    if result.correlations:
+        c = Table(title=f"how well each ranking predicts the actual transfer accuracy ({result.actual})")
+        for col in ("ranking", "kind", "Kendall tau", "Spearman rho", "top-1 regret (points)", "top pick", "best"):
+            c.add_column(col, justify="left" if col in ("ranking", "kind", "top pick", "best") else "right")
+        for r in result.correlations:
+            c.add_row(r["ranking"], r["kind"], f"{r['kendall_tau']:+.3f}", f"{r['spearman_rho']:+.3f}",
+                      f"{r['top1_regret_points']:.2f}", r["top_pick"], r["best_source"])
+        con.print(c)
+    con.print(f"CSVs: {result.out_dir}; MLflow run {result.run_id} ({result.tracking_uri})")

@@ -46,6 +46,11 @@ class Ctx:
     adapted: Path | None = None  # adapted teacher checkpoint (online distillation loads it)
     cpus_per_worker: float = 1.0  # Ray Train worker CPUs (a sweep trial may use fractions)
     nested_stages: bool = True  # one nested MLflow run per stage; False: ``<stage>.<metric>`` on the current run
+    keys: dict[str, str] = field(default_factory=dict)  # stage name -> key (orchestrator.graph), as stages run
+    teacher_id: str | None = None  # the loadable teacher id (a stand-in resolves to its checkpoint)
+    prepared: dict[str, dict] = field(default_factory=dict)  # a sweep's prepared transfer sets (see methods.common)
+    plots: bool = True  # confusion-matrix PNGs (a sweep trial skips them)
+    train_hooks: dict = field(default_factory=dict)  # Ray Train run_name/storage/callbacks/extra_metrics (trials)
 
     def actor_gpus(self) -> float:
         """GPUs per Ray Data actor (teacher inference, pool embedding): ``teacher.inference_gpus``, else 1 when

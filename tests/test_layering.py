@@ -1,5 +1,7 @@
-"""The layout's rules: Ray only in ray_adapters/, MLflow only in tracking.py, stages Ray- and MLflow-free,
-and heavy imports lazy so `kt --help` is instant."""
+"""The layout's rules, checked on the import graph built from the AST (imports inside functions included):
+no import cycles between modules, every package-to-package edge in the allowed table (Ray only in
+ray_adapters/, MLflow only in tracking.py, stages below everything that composes them, adapters never above
+the application), and heavy imports lazy so `kt --help` is instant."""
 import ast
 import subprocess
 import sys
@@ -7,8 +9,130 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "orchestrator"
 
+# group (a subpackage or top-level module of orchestrator) -> the groups it may import
+FOUNDATION = {"registry", "ids", "storage", "config", "cache"}
+ALLOWED = {
+    "registry": set(), "ids": set(), "storage": set(), "config": {"storage"}, "cache": {"storage"},
+    "data": {"config", "registry"},
+    "models": {"data", "ids", "registry", "config"},
+    "stages": FOUNDATION | {"data", "models"},
+    "similarity": {"registry"},
+    "tracking": {"models"},
+    "ray_adapters": FOUNDATION | {"data", "models", "stages", "tracking"},
+    "run_context": FOUNDATION | {"data", "stages"},
+    "graph": FOUNDATION | {"run_context", "stages"},
+    "retrieval": FOUNDATION | {"data", "models", "stages", "ray_adapters"},
+    "transfer": FOUNDATION | {"data", "stages", "retrieval"},
+    "standin": FOUNDATION | {"data", "models", "stages"},
+    "demo_pool": FOUNDATION | {"data", "stages"},
+    "zoo": FOUNDATION | {"data", "models", "stages"},
+    "methods": FOUNDATION | {"data", "models", "stages", "ray_adapters", "graph", "run_context", "retrieval",
+                             "transfer", "standin", "similarity", "zoo"},
+    # paper 2's `kt rank-sources` (the methods' per-source stages, the metrics, MLflow through tracking)
+    "source_ranking": FOUNDATION | {"data", "methods", "preflight", "run_context", "similarity", "tracking", "zoo",
+                                    "models"},
+    "preflight": FOUNDATION | {"data", "models", "methods", "transfer"},
+    "pipeline": FOUNDATION | {"models", "methods", "preflight", "run_context", "tracking"},
+    "compare": FOUNDATION | {"methods", "pipeline", "preflight", "run_context", "tracking"},
+    "sweeps": FOUNDATION | {"models", "stages", "methods", "preflight", "ray_adapters", "run_context", "tracking"},
+    "deploy": FOUNDATION | {"models", "sweeps", "tracking"},
+    "predict": FOUNDATION | {"data", "deploy", "models", "tracking"},
+    "report": {"sweeps"},
+}
+TOP = {"cli", "__init__"}  # the entry points may import anything
 
-def imported_modules(path: Path) -> set[str]:
+
+def module_name(path: Path, root: Path) -> str:
+    parts = path.relative_to(root.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """Module -> the package modules it imports anywhere in its body (``from pkg import sub`` counts as
+    ``pkg.sub`` when ``sub`` is a module)."""
+    pkg = root.name
+    modules = {module_name(f, root): f for f in root.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for mod, f in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.split(".")[0] == pkg}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
+                    and node.module.split(".")[0] == pkg:
+                subs = {f"{node.module}.{a.name}" for a in node.names} & modules.keys()
+                deps |= subs or {node.module}
+        graph[mod] = {d for d in deps if d in modules and d != mod}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    sys.setrecursionlimit(10_000)
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def group(mod: str) -> str:
+    parts = mod.split(".")
+    return "__init__" if len(parts) == 1 else parts[1]
+
+
+def test_no_import_cycles():
+    found = cycles(import_graph(PKG))
+    assert not found, f"import cycles between modules: {found}"
+
+
+def test_every_package_edge_is_allowed():
+    bad = []
+    for mod, deps in import_graph(PKG).items():
+        g = group(mod)
+        if g in TOP:
+            continue
+        assert g in ALLOWED, f"{mod}: package {g!r} is not in the layering table of tests/test_layering.py"
+        bad += [f"{mod} -> {d}" for d in deps if group(d) != g and group(d) not in ALLOWED[g]]
+    assert not bad, "imports against the layering (an adapter or stage reaching above itself?):\n" + "\n".join(bad)
+
+
+def test_the_checks_fail_on_a_planted_cycle_and_a_planted_upward_edge(tmp_path):
+    pkg = tmp_path / "orchestrator"
+    (pkg / "stages").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "stages" / "__init__.py").write_text("")
+    (pkg / "stages" / "a.py").write_text("def f():\n    from orchestrator.pipeline import g\n")
+    (pkg / "pipeline.py").write_text("from orchestrator.stages import a\n")
+    graph = import_graph(pkg)
+    assert cycles(graph) == [["orchestrator.pipeline", "orchestrator.stages.a"]]
+    assert "pipeline" not in ALLOWED[group("orchestrator.stages.a")]
+
+
+def _third_party(path: Path) -> set[str]:
     mods = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -21,19 +145,11 @@ def imported_modules(path: Path) -> set[str]:
 def test_ray_and_mlflow_stay_in_their_adapters():
     for f in PKG.rglob("*.py"):
         rel = f.relative_to(PKG).as_posix()
-        mods = imported_modules(f)
+        mods = _third_party(f)
         if not rel.startswith("ray_adapters/"):
             assert "ray" not in mods, f"{rel} imports ray; only orchestrator/ray_adapters/ may"
         if rel != "tracking.py":
             assert "mlflow" not in mods, f"{rel} imports mlflow; only orchestrator/tracking.py may"
-
-
-def test_stages_do_not_import_pipeline_or_adapters():
-    for f in (PKG / "stages").glob("*.py"):
-        text = f.read_text()
-        for banned in ("orchestrator.pipeline", "orchestrator.ray_adapters", "orchestrator.tracking",
-                       "orchestrator.cli"):
-            assert banned not in text, f"stages/{f.name} imports {banned}"
 
 
 def test_cli_import_is_light():

@@ -21,18 +21,20 @@ def _train_fn(config: dict) -> None:
     import torch
     from ray.train import Checkpoint
 
-    from orchestrator.config import DistillConfig
+    from orchestrator.config import AugmentPolicy, DistillConfig
     from orchestrator.models.preprocess import Preprocess
     from orchestrator.models.students import create_student
     from orchestrator.stages.distill import (DistillData, distill_epoch, load_state, make_optimizer, new_log,
                                              FeatureStudent, online_teacher, save_state)
     from orchestrator.stages.evaluate import evaluate
+    from orchestrator.stages.schedule import distill_plan
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines (checkpoint persisted, ...)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads_per_worker"])
     cfg = DistillConfig(**config["distill"])
+    augment = AugmentPolicy(**config["augment"]) if config.get("augment") else None
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
     pre = Preprocess.from_dict(config["preprocess"])
     d, lab, val = _inputs(config["data"])
@@ -49,6 +51,7 @@ def _train_fn(config: dict) -> None:
         dim = data.teacher(np.asarray(data.images[:1]))[1].shape[1] if online else data.teacher_features.shape[1]
         model = FeatureStudent(model, int(dim))
     model = model.to(device)
+    plan = distill_plan(len(data.images), cfg, world)  # the budget's steps, reporting epochs and LR schedule
     opt, sched = make_optimizer(model, cfg, len(data.images), world)
     start, log = 0, new_log()
     ck = ray.train.get_checkpoint()
@@ -56,27 +59,30 @@ def _train_fn(config: dict) -> None:
         with ck.as_directory() as cd:
             start, log = load_state(Path(cd) / "state.pt", model, opt, sched)
         if rank == 0:
-            print(f"[kt] resumed distillation from its checkpoint at epoch {start}/{cfg.epochs}", flush=True)
+            print(f"[kt] resumed distillation from its checkpoint at epoch {start}/{plan.epochs}", flush=True)
     log["starts"].append(start)
     ddp = ray.train.torch.prepare_model(model) if world > 1 else model
     fault = config.get("fault_after_epoch", -1)  # test-only fault injection: the worker processes die once
     where = Path(config["data"]) if isinstance(config["data"], str) else Path(tempfile.gettempdir())
     marker = where / f".fault-injected-{ctx.get_experiment_name()}"
-    for epoch in range(start, cfg.epochs):
+    if rank == 0 and start == 0:
+        print(f"[kt] distillation: {plan.describe()}", flush=True)
+    for epoch in range(start, plan.epochs):
         t0 = time.perf_counter()
-        loss = distill_epoch(ddp, opt, sched, data, pre, cfg, epoch, config["seed"], rank, world, device)
+        loss = distill_epoch(ddp, opt, sched, data, pre, cfg, epoch, config["seed"], rank, world, device, augment)
         seconds = time.perf_counter() - t0
         log["loss"].append(loss)
         log["seconds"].append(seconds)
+        log.setdefault("steps", []).append(len(plan.steps_of(epoch)))
         metrics = {**config.get("extra_metrics", {}), "epoch": epoch + 1, "loss": loss, "epoch_seconds": seconds,
-                   "device_seconds": sum(log["seconds"]) * world}
+                   "device_seconds": sum(log["seconds"]) * world, "steps": sum(log["steps"])}
         if val is not None:
             net = model.student if use_feat else model
             metrics["val_top1"] = evaluate(net, pre, val, config["num_classes"], device=str(device)).top1
             log.setdefault("val_top1", []).append(metrics["val_top1"])
         if rank == 0:
             shown = f", val top-1 {metrics['val_top1']:.4f}" if val is not None else ""
-            print(f"[kt] distill epoch {epoch + 1}/{cfg.epochs}: loss {loss:.4f}{shown} ({seconds:.0f} s)", flush=True)
+            print(f"[kt] distill epoch {epoch + 1}/{plan.epochs}: loss {loss:.4f}{shown} ({seconds:.0f} s)", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
@@ -123,7 +129,7 @@ def _inputs(src):
 def distill_ray(data, student: str, model_kwargs: dict, num_classes: int, preprocess: dict,
                 distill: dict, seed: int, storage_path: Path, name: str, num_workers: int, use_gpu: bool,
                 cpus_per_worker: float = 1.0, fault_after_epoch: int = -1, teacher_checkpoint: str | None = None,
-                callbacks: list | None = None, extra_metrics: dict | None = None):
+                callbacks: list | None = None, extra_metrics: dict | None = None, augment: dict | None = None):
     """Distill with a TorchTrainer of ``num_workers`` workers.
 
     Args:
@@ -138,9 +144,14 @@ def distill_ray(data, student: str, model_kwargs: dict, num_classes: int, prepro
             loaded by every worker in online mode.
         callbacks: Ray Train callbacks, e.g. Tune's TuneReportCallback inside a sweep trial.
         extra_metrics: constants added to every epoch's report (e.g. the student's FLOPs for a sweep).
+        augment: the task's augmentation, ``cfg.data.augment_policy().model_dump(mode="json")`` (used when
+            ``distill.augment``); None: the label-preserving default (shift only, no flip).
         fault_after_epoch: tests only: every worker process exits after this epoch's checkpoint (first start).
+    Budget: ``distill.steps`` optimizer steps (or ``distill.epochs`` passes), split into reporting epochs of
+        ``epoch_steps`` steps (:func:`orchestrator.stages.schedule.distill_plan`); one report and checkpoint per
+        reporting epoch (its metrics include ``steps``, the optimizer steps so far).
     Returns:
-        (state_dict of the student, training log: per-epoch "loss", rank-0 "seconds" and (with val.npz)
+        (state_dict of the student, training log: per-epoch "loss", rank-0 "seconds", "steps" and (with val.npz)
         "val_top1", and "starts", the epoch each (re)start began at: more than one entry means the run
         resumed from a checkpoint).
     Raises:
@@ -159,7 +170,8 @@ def distill_ray(data, student: str, model_kwargs: dict, num_classes: int, prepro
                                model_kwargs=model_kwargs,
                                num_classes=num_classes, preprocess=preprocess, distill=distill, seed=seed,
                                threads_per_worker=max(1, int(cpus_per_worker)), fault_after_epoch=fault_after_epoch,
-                               teacher_checkpoint=teacher_checkpoint, extra_metrics=extra_metrics or {}),
+                               teacher_checkpoint=teacher_checkpoint, extra_metrics=extra_metrics or {},
+                               augment=augment),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

@@ -19,11 +19,10 @@ log = logging.getLogger(__name__)
 EXPERIMENT = "tune"  # Tune experiment dir: <sweep_dir>/tune
 
 
-def trial_trainable(config: dict, sctx) -> None:
-    """The Tune trainable: ``config`` holds the labels Optuna drew for this trial."""
+def trial_trainable(config: dict, sctx, run_trial) -> None:
+    """The Tune trainable: ``config`` holds the labels Optuna drew for this trial; ``run_trial(sctx, trial_id,
+    labels, report, callbacks)`` is the application's trial (passed in: this adapter imports no layer above it)."""
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from orchestrator.sweeps.trial import run_trial
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("ray").setLevel(logging.WARNING)  # Ray Train's per-report INFO lines
@@ -60,8 +59,9 @@ def _scheduler(space, max_epochs: int):
                          max_t=max_epochs + 1, grace_period=es.grace_period, reduction_factor=es.reduction_factor)
 
 
-def run_tune(sctx, max_epochs: int, callbacks: list, resume: bool):
-    """Run (or, with ``resume``, continue) the sweep's Tune experiment under ``<remote_dir>/tune``.
+def run_tune(sctx, run_trial, max_epochs: int, callbacks: list, resume: bool):
+    """Run (or, with ``resume``, continue) the sweep's Tune experiment under ``<remote_dir>/tune``, one
+    ``run_trial`` (see :func:`trial_trainable`) per trial.
 
     Returns the list of Tune trials. A resumed experiment keeps its finished trials and searcher state;
     unfinished and errored trials run again (errored ones from scratch, each with its retries).
@@ -72,7 +72,8 @@ def run_tune(sctx, max_epochs: int, callbacks: list, resume: bool):
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # experiment state at most 1 s behind (resume)
     space, path = sctx.space, f"{sctx.remote_dir}/{EXPERIMENT}"
     r = space.resources
-    trainable = tune.with_resources(tune.with_parameters(trial_trainable, sctx=sctx), {"CPU": r.trial_driver_cpus})
+    trainable = tune.with_resources(tune.with_parameters(trial_trainable, sctx=sctx, run_trial=run_trial),
+                                    {"CPU": r.trial_driver_cpus})
     if resume and tune.Tuner.can_restore(path):
         log.info("resuming Tune experiment %s", path)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -153,9 +154,7 @@ class TrialLedger(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._run_id(trial)
-        from orchestrator.sweeps.space import describe
-
-        log.info("trial %s started: %s", trial.trial_id, describe(trial.config))
+        log.info("trial %s started: %s", trial.trial_id, ", ".join(f"{k}={v}" for k, v in trial.config.items()))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self._run_id(trial)

@@ -101,7 +101,7 @@ class Meter:
     def __exit__(self, *exc) -> None:
         r = self.result
         r.wall_seconds = time.perf_counter() - self._t0
-        r.device_seconds = r.wall_seconds * self.devices
+        r.device_seconds = r.device_seconds or r.wall_seconds * self.devices  # a stage may measure its own
         r.cpu_seconds = time.process_time() - self._c0
         r.peak_memory_bytes = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
                                else peak_rss_bytes())

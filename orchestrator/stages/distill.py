@@ -1,12 +1,12 @@
 """Stage 2 of task-oriented transfer (Vemulapalli et al. 2024, Sec. 3): distill the adapted teacher into the
 student on the transfer set, matching temperature-scaled soft labels (plus optional labeled cross-entropy).
 
-The epoch function is shared by the in-process runner here and the Ray Train adapter (DDP workers).
+The epoch function is shared by the in-process runner here and the Ray Train adapter (DDP workers); both take
+their step count, reporting epochs, batches and LR schedule from :func:`orchestrator.stages.schedule.distill_plan`.
 """
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from orchestrator.config import DistillConfig
+from orchestrator.config import AugmentPolicy, DistillConfig
 from orchestrator.data.images import ImageSet
 from orchestrator.models.preprocess import Preprocess
-from orchestrator.stages.loop import batch_indices, cosine_schedule, model_input
+from orchestrator.stages.loop import model_input
+from orchestrator.stages.schedule import distill_plan, optimizer_step
+from orchestrator.stages.schedule import make_optimizer as _make_optimizer
 from orchestrator.stages.losses import LOSSES
 
 log = logging.getLogger(__name__)
@@ -47,8 +49,10 @@ class DistillData:
 
 
 def steps_per_epoch(n: int, cfg: DistillConfig, world: int = 1) -> int:
-    """Optimizer steps per epoch for N transfer images on ``world`` workers."""
-    return max(1, math.ceil(n / (cfg.batch_size * world)))
+    """Optimizer steps per reporting epoch for N transfer images on ``world`` workers: one pass,
+    ceil(N / (batch_size x world)), under an epochs budget; ``epoch_steps`` under a steps budget (the last epoch
+    may be shorter: the log's ``"steps"`` has the exact count of each). See :func:`distill_plan`."""
+    return distill_plan(n, cfg, world).epoch_steps
 
 
 class FeatureStudent(nn.Module):
@@ -83,27 +87,36 @@ def online_teacher(checkpoint: str | Path, device: str = "cpu"
 
 
 def make_optimizer(model: nn.Module, cfg: DistillConfig, n: int, world: int = 1):
-    """AdamW and a warm-up + cosine schedule over all ``cfg.epochs``."""
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total = cfg.epochs * steps_per_epoch(n, cfg, world)
-    return opt, cosine_schedule(opt, total, warmup=min(200, total // 20))
+    """AdamW and the warm-up + cosine schedule over all steps of :func:`distill_plan` (n transfer images on
+    ``world`` workers). Returns (optimizer, LambdaLR)."""
+    return _make_optimizer(model.parameters(), cfg, distill_plan(n, cfg, world))
 
 
 def distill_epoch(model: nn.Module, opt, sched, data: DistillData, preprocess: Preprocess, cfg: DistillConfig,
-                  epoch: int, seed: int = 0, rank: int = 0, world: int = 1, device: str = "cpu") -> float:
-    """One epoch of rank ``rank``'s share of the transfer set. Returns the mean loss (float).
+                  epoch: int, seed: int = 0, rank: int = 0, world: int = 1, device: str = "cpu",
+                  augment: AugmentPolicy | None = None) -> float:
+    """Reporting epoch ``epoch`` of rank ``rank``: the optimizer steps and batches :func:`distill_plan` gives it
+    (one pass over the transfer set under an epochs budget, ``epoch_steps`` steps under a steps budget).
+    Returns the mean loss (float).
+
+    ``augment``: the task's augmentation (``data.augment_policy()``), used when ``cfg.augment``; None: the
+    label-preserving default (shift only, no flip).
 
     loss = kd_weight * kd_kl(student, teacher, T) + ce_weight * CE(student(labeled), labels)
-           + feature_weight * (1 - cos(proj(student features), teacher features)).
+           + feature_weight * feature_loss(proj(student features), teacher features)
+    (``feature_loss``: 1 - cosine, or InfoNCE over the batch).
     With ``feature_weight > 0`` the model is a :class:`FeatureStudent` (it returns logits and features).
     """
     model.train()
-    kd, ce, feat = LOSSES.get("kd_kl"), LOSSES.get("ce"), LOSSES.get("feature_cosine")
+    kd, ce = LOSSES.get("kd_kl"), LOSSES.get("ce")
+    feat = (LOSSES.get("feature_cosine") if cfg.feature_loss == "cosine" else
+            lambda a, b: LOSSES.get("feature_infonce")(a, b, cfg.feature_temperature))
     use_feat = cfg.feature_weight > 0
     lab_rng = np.random.default_rng([seed, epoch, rank, 7])
     losses = []
-    for idx in batch_indices(len(data.images), cfg.batch_size, seed, epoch, rank, world):
-        x = model_input(data.images, idx, preprocess, cfg.augment, device)  # (B, C, H, W) float32
+    aug = (augment or True) if cfg.augment else None
+    for idx in distill_plan(len(data.images), cfg, world).batches(seed, epoch, rank):
+        x = model_input(data.images, idx, preprocess, aug, device)  # (B, C, H, W) float32
         if data.teacher is not None:
             t, tf = data.teacher(np.asarray(data.images[idx]))  # (B, K), (B, D): a teacher forward every step
         else:
@@ -117,21 +130,18 @@ def distill_epoch(model: nn.Module, opt, sched, data: DistillData, preprocess: P
             loss = loss + cfg.feature_weight * feat(sf, tf)
         if cfg.ce_weight > 0 and data.labeled is not None:
             li = lab_rng.choice(len(data.labeled), size=min(cfg.batch_size, len(data.labeled)), replace=False)
-            xl = model_input(data.labeled.images, li, preprocess, cfg.augment, device)
+            xl = model_input(data.labeled.images, li, preprocess, aug, device)
             out_l = model(xl)
             loss = loss + cfg.ce_weight * ce(out_l[0] if use_feat else out_l,
                                              torch.from_numpy(data.labeled.labels[li]).to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        losses.append(optimizer_step(opt, sched, loss))
     return float(np.mean(losses))
 
 
 def save_state(path: Path, model: nn.Module, opt, sched, epoch: int, log: dict) -> None:
     """Atomically write a resumable training state: model, optimizer, schedule, last finished ``epoch`` and
-    ``log`` (``{"loss": [per epoch], "seconds": [per epoch], "starts": [epoch each (re)start began at]}``)."""
+    ``log`` (``{"loss": [per epoch], "seconds": [per epoch], "steps": [optimizer steps per epoch],
+    "starts": [epoch each (re)start began at]}``)."""
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                 "epoch": epoch, "log": log}, tmp)
@@ -149,28 +159,33 @@ def load_state(path: Path, model: nn.Module, opt, sched) -> tuple[int, dict]:
 
 def new_log() -> dict:
     """An empty training log (see :func:`save_state`)."""
-    return {"loss": [], "seconds": [], "starts": []}
+    return {"loss": [], "seconds": [], "steps": [], "starts": []}
 
 
 def distill_local(model: nn.Module, data: DistillData, preprocess: Preprocess, cfg: DistillConfig,
                   ckpt_dir: str | Path, seed: int = 0, device: str = "cpu",
-                  on_epoch: Callable[[int, float], None] | None = None) -> dict:
-    """Distill in this process, checkpointing each epoch to ``ckpt_dir/state.pt``; a re-run after a kill
-    resumes from the last finished epoch. Returns the training log (loss and seconds of every epoch, resumed
-    ones included, and the epoch each start began at)."""
+                  on_epoch: Callable[[int, float], None] | None = None,
+                  augment: AugmentPolicy | None = None) -> dict:
+    """Distill in this process for the budget of ``cfg`` (:func:`distill_plan`), checkpointing each reporting
+    epoch to ``ckpt_dir/state.pt``; a re-run after a kill resumes from the last finished epoch. ``augment``: the
+    task's augmentation (see :func:`distill_epoch`). Returns the training log (loss, seconds and optimizer steps
+    of every epoch, resumed ones included, and the epoch each start began at)."""
     ckpt = Path(ckpt_dir) / "state.pt"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model.to(device)
+    plan = distill_plan(len(data.images), cfg)
     opt, sched = make_optimizer(model, cfg, len(data.images))
     start, log_ = load_state(ckpt, model, opt, sched) if ckpt.exists() else (0, new_log())
     if start:
         log.info("resuming distillation from epoch %d (%s)", start, ckpt)
     log_["starts"].append(start)
-    for epoch in range(start, cfg.epochs):
+    for epoch in range(start, plan.epochs):
         t0 = time.perf_counter()
-        log_["loss"].append(distill_epoch(model, opt, sched, data, preprocess, cfg, epoch, seed, device=device))
+        log_["loss"].append(distill_epoch(model, opt, sched, data, preprocess, cfg, epoch, seed, device=device,
+                                          augment=augment))
         log_["seconds"].append(time.perf_counter() - t0)
+        log_.setdefault("steps", []).append(len(plan.steps_of(epoch)))
         save_state(ckpt, model, opt, sched, epoch, log_)
         if on_epoch:
             on_epoch(epoch, log_["loss"][-1])

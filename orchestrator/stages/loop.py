@@ -1,88 +1,90 @@
-"""Shared training/inference loops over in-memory uint8 images (no DataLoader workers: 2-core friendly)."""
+"""Shared training/inference loops over in-memory uint8 images (no DataLoader workers: 2-core friendly).
+
+Budgets, batch order and the LR schedule come from :mod:`orchestrator.stages.schedule` (``batch_indices`` and
+``cosine_schedule`` are re-exported here for older callers)."""
 from __future__ import annotations
 
-import math
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orchestrator.config import TrainConfig
+from orchestrator.config import AugmentPolicy, TrainConfig
 from orchestrator.data.images import ImageSet
 from orchestrator.models.preprocess import Preprocess
-from orchestrator.stages.augment import random_shift_flip, to_unit
+from orchestrator.stages.augment import augment_batch, to_unit
+from orchestrator.stages.schedule import (batch_indices, cosine_schedule, make_optimizer, optimizer_step,  # noqa: F401
+                                          supervised_plan)
+
+# What ``augment=True`` means when a caller passes no task policy: shift only, no flip (label-preserving for
+# every data kind; a task's ``data.augment`` says more).
+DEFAULT_AUGMENT = AugmentPolicy(hflip=False)
 
 
-def batch_indices(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
-                  shuffle: bool = True) -> Iterator[np.ndarray]:
-    """Yield (b,) int64 index batches of one epoch; rank ``rank`` of ``world`` gets every world-th batch.
-
-    Every rank gets the same number of batches (the permutation is padded by wrap-around), so DDP ranks stay
-    in step. The order depends only on (seed, epoch), so a resumed run sees the same batches.
-    """
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-    steps = max(1, math.ceil(n / (batch_size * world)))
-    order = np.resize(order, steps * batch_size * world)  # wrap-around pad
-    for s in range(steps):
-        start = (s * world + rank) * batch_size
-        yield order[start:start + batch_size]
+def augment_policy(augment: bool | AugmentPolicy | None) -> AugmentPolicy | None:
+    """``augment`` as a policy: None/False -> None (no augmentation), True -> :data:`DEFAULT_AUGMENT`, a policy
+    -> itself with an unresolved ``hflip`` read as no flip."""
+    if augment is None or augment is False:
+        return None
+    if augment is True:
+        return DEFAULT_AUGMENT
+    return augment if augment.hflip is not None else augment.model_copy(update={"hflip": False})
 
 
-def model_input(images: np.ndarray, idx: np.ndarray, preprocess: Preprocess, augment: bool,
+def model_input(images: np.ndarray, idx: np.ndarray, preprocess: Preprocess, augment: bool | AugmentPolicy | None,
                 device: torch.device | str = "cpu") -> torch.Tensor:
-    """uint8 images[idx] -> (b, C, H, W) float32 model input, optionally shift/flip-augmented."""
+    """uint8 images[idx] ((N, H, W, C) uint8 indexed by (b,) int64) -> (b, C, H, W) float32 model input,
+    augmented as :func:`augment_policy` of ``augment`` says (False/None: not at all)."""
     x = to_unit(torch.from_numpy(np.ascontiguousarray(images[idx]))).to(device)  # (b, C, H, W) float32
-    if augment:
-        x = random_shift_flip(x)
+    policy = augment_policy(augment)
+    if policy is not None:
+        x = augment_batch(x, policy)
     return preprocess.from_unit(x)
 
 
-def cosine_schedule(opt: torch.optim.Optimizer, total_steps: int, warmup: int = 0):
-    """Linear warm-up then cosine decay to 0 over ``total_steps`` optimizer steps."""
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
-    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
+    """``model.train()``; with ``freeze_bn`` every BatchNorm back in eval mode: it normalises with its running
+    statistics and does not update them (its affine weights still train)."""
+    model.train()
+    if freeze_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
 
 
 def train_supervised(model: nn.Module, preprocess: Preprocess, data: ImageSet, cfg: TrainConfig, seed: int = 0,
                      device: str = "cpu", params: list | None = None,
-                     on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
+                     on_epoch: Callable[[int, float], None] | None = None,
+                     augment: AugmentPolicy | None = None) -> list[float]:
     """Cross-entropy training of ``model`` on labeled images (student finetune, supervised-only baseline,
-    teacher full finetune). AdamW, cosine schedule.
+    teacher full finetune). AdamW, warm-up + cosine schedule over the budget's steps
+    (:func:`orchestrator.stages.schedule.supervised_plan`: ``cfg.steps`` steps or ``cfg.epochs`` passes).
 
     Args:
         model: (B, C, H, W) float32 -> (B, K) logits. data: labeled ImageSet. params: parameters to train
-        (default all). on_epoch: called with (epoch, mean loss).
+        (default all). on_epoch: called with (reporting epoch, its mean loss).
+        augment: the task's augmentation (``data.augment_policy()``), used when ``cfg.augment``; None: the
+            label-preserving default (shift only, no flip).
     Returns:
-        Mean training loss per epoch (list of float).
+        Mean training loss per reporting epoch (list of float; empty for a budget of 0).
     """
-    if cfg.epochs == 0:
+    plan = supervised_plan(len(data), cfg)
+    if plan.total_steps == 0:
         return []
     torch.manual_seed(seed)
-    model.to(device).train()
-    if cfg.freeze_bn:  # normalise with the running statistics; only the affine weights learn
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
-    opt = torch.optim.AdamW(params or model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * math.ceil(len(data) / cfg.batch_size)
-    sched = cosine_schedule(opt, steps, warmup=min(50, steps // 10))
+    model.to(device)
+    set_train_mode(model, cfg.freeze_bn)
+    opt, sched = make_optimizer(params or model.parameters(), cfg, plan)
+    aug = (augment or True) if cfg.augment else None
     labels = torch.from_numpy(data.labels)
     history = []
-    for epoch in range(cfg.epochs):
+    for epoch in range(plan.epochs):
         losses = []
-        for idx in batch_indices(len(data), min(cfg.batch_size, len(data)), seed, epoch):
-            x = model_input(data.images, idx, preprocess, cfg.augment, device)
-            loss = F.cross_entropy(model(x), labels[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
+        for idx in plan.batches(seed, epoch):
+            x = model_input(data.images, idx, preprocess, aug, device)
+            losses.append(optimizer_step(opt, sched, F.cross_entropy(model(x), labels[idx].to(device))))
         history.append(float(np.mean(losses)))
         if on_epoch:
             on_epoch(epoch, history[-1])

@@ -39,3 +39,19 @@ def feature_cosine(student_features: torch.Tensor, teacher_features: torch.Tenso
     (B, D) float32 each (the student's features projected to the teacher's D) -> scalar.
     """
     return (1 - F.cosine_similarity(student_features, teacher_features, dim=-1)).mean()
+
+
+@LOSSES.register("feature_infonce")
+def feature_infonce(student_features: torch.Tensor, teacher_features: torch.Tensor,
+                    temperature: float = 0.1) -> torch.Tensor:
+    """Contrastive feature distillation: InfoNCE (van den Oord et al. 2018, "Representation Learning with
+    Contrastive Predictive Coding", Eq. 4) with the student's projected feature of image i as the query, the
+    teacher's feature of image i as its positive and the teacher's features of the batch's other images as
+    negatives, on L2-normalised features: CE(s_i . t_j / tau over j, target i), averaged over the batch.
+
+    (B, D) float32 each -> scalar float32.
+    """
+    s = F.normalize(student_features, dim=-1)  # (B, D)
+    t = F.normalize(teacher_features, dim=-1)  # (B, D)
+    logits = s @ t.T / temperature  # (B, B) float32
+    return F.cross_entropy(logits, torch.arange(len(s), device=s.device))

@@ -44,9 +44,6 @@ def pretrain_standin(images: np.ndarray, cfg: StandinConfig, mean: list[float], 
     Returns:
         Teacher without a head, whose ``preprocess`` is (cfg.channels, cfg.input_size^2, mean, std).
     """
-    from lightly.loss import NTXentLoss
-    from lightly.models.modules import SimCLRProjectionHead
-
     torch.manual_seed(cfg.seed)
     if cfg.max_images and cfg.max_images < len(images):
         images = images[np.random.default_rng(cfg.seed).choice(len(images), cfg.max_images, replace=False)]
@@ -55,31 +52,56 @@ def pretrain_standin(images: np.ndarray, cfg: StandinConfig, mean: list[float], 
     teacher.preprocess = Preprocess(cfg.channels, (cfg.input_size, cfg.input_size), rep(mean), rep(std))
     teacher.provenance = standin_provenance(cfg, len(images))
     log.warning("%s", teacher.provenance)
-    proj = SimCLRProjectionHead(teacher.feature_dim, teacher.feature_dim, cfg.proj_dim)
-    model = torch.nn.Sequential(teacher.backbone, proj).to(device).train()
-    criterion = NTXentLoss(temperature=cfg.temperature)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(images) / cfg.batch_size)
-    sched = cosine_schedule(opt, cfg.epochs * steps_per_epoch, warmup=min(100, steps_per_epoch))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    for epoch in range(cfg.epochs):
-        t0, losses = time.perf_counter(), []
-        from tqdm import tqdm
+    pretrain_simclr(teacher.backbone, teacher.feature_dim, images, teacher.preprocess, cfg.epochs,
+                    cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.temperature, cfg.proj_dim, cfg.seed, device,
+                    on_epoch, label="stand-in SimCLR")
+    return teacher.eval()
 
-        steps = tqdm(batch_indices(len(images), cfg.batch_size, cfg.seed, epoch), total=steps_per_epoch,
-                     desc=f"SimCLR epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not sys.stderr.isatty())
+
+def pretrain_simclr(encoder: torch.nn.Module, feature_dim: int, images: np.ndarray, preprocess: Preprocess,
+                    epochs: int, batch_size: int, lr: float, weight_decay: float, temperature: float,
+                    proj_dim: int, seed: int = 0, device: str = "cpu",
+                    on_epoch: Callable[[int, float], None] | None = None, label: str = "SimCLR") -> list[float]:
+    """SimCLR (Chen et al. 2020, NT-Xent loss Eq. 1, lightly's ``NTXentLoss`` and projection head) on
+    unlabeled images, training ``encoder`` in place.
+
+    Args:
+        encoder: (B, C, H, W) float32 -> (B, feature_dim) float32 features. images: (N, H, W, C) uint8.
+        preprocess: the encoder's input (views are made in [0, 1], then normalised by it).
+        on_epoch: called with (epoch, mean loss).
+    Returns:
+        Mean NT-Xent loss per epoch (list of float).
+    """
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import SimCLRProjectionHead
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    proj = SimCLRProjectionHead(feature_dim, feature_dim, proj_dim)
+    model = torch.nn.Sequential(encoder, proj).to(device).train()
+    criterion = NTXentLoss(temperature=temperature)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    bs = min(batch_size, len(images))
+    steps_per_epoch = math.ceil(len(images) / bs)
+    sched = cosine_schedule(opt, epochs * steps_per_epoch, warmup=min(100, steps_per_epoch))
+    gen = torch.Generator().manual_seed(seed)
+    history = []
+    for epoch in range(epochs):
+        t0, losses = time.perf_counter(), []
+        steps = tqdm(batch_indices(len(images), bs, seed, epoch), total=steps_per_epoch,
+                     desc=f"{label} epoch {epoch + 1}/{epochs}", leave=False, disable=not sys.stderr.isatty())
         for idx in steps:
-            x = to_unit(torch.from_numpy(images[idx]))  # (B, C, H, W) float32 in [0, 1]
-            v1 = teacher.preprocess.from_unit(simclr_view(x, gen)).to(device)
-            v2 = teacher.preprocess.from_unit(simclr_view(x, gen)).to(device)
+            x = to_unit(torch.from_numpy(np.ascontiguousarray(images[idx])))  # (B, C, H, W) float32 in [0, 1]
+            v1 = preprocess.from_unit(simclr_view(x, gen)).to(device)
+            v2 = preprocess.from_unit(simclr_view(x, gen)).to(device)
             loss = criterion(model(v1), model(v2))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             losses.append(loss.item())
-        log.info("stand-in SimCLR epoch %d/%d: loss %.4f (%.0f s)", epoch + 1, cfg.epochs, np.mean(losses),
-                 time.perf_counter() - t0)
+        history.append(float(np.mean(losses)))
+        log.info("%s epoch %d/%d: loss %.4f (%.0f s)", label, epoch + 1, epochs, history[-1], time.perf_counter() - t0)
         if on_epoch:
-            on_epoch(epoch, float(np.mean(losses)))
-    return teacher.eval()
+            on_epoch(epoch, history[-1])
+    return history

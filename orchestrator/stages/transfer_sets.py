@@ -1,8 +1,8 @@
 """Transfer-set sources (a plug-in kind): where the unlabeled images the teacher labels come from.
 
-A source is ``fn(ctx: TransferContext, cfg: TransferSetConfig) -> TransferSet``. ``target_unlabeled`` uses the
-task's unlabeled remainder; ``generic`` any other image pool (a dataset, or a random sample of a sharded
-pool); ``retrieval`` curates a pool by kNN search with the labeled images as queries (:mod:`orchestrator.retrieval`).
+A source is ``fn(ctx: TransferContext, cfg: TransferSetConfig) -> TransferSet``. ``target_unlabeled`` (here)
+uses the task's unlabeled remainder; the pool sources ``generic`` and ``retrieval`` are registered by
+:mod:`orchestrator.transfer`, which also holds :func:`~orchestrator.transfer.build_transfer_set`.
 """
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from orchestrator.config import PoolConfig, TransferSetConfig
+from orchestrator.config import TransferSetConfig
 from orchestrator.data.images import ImageSet, TaskData
-from orchestrator.data.loaders import load_task_data
 from orchestrator.data.splits import Split
 from orchestrator.registry import Registry
 
@@ -63,14 +62,14 @@ TRANSFER_SETS: Registry[Callable[[TransferContext, TransferSetConfig], TransferS
     "transfer-set source")
 
 
-def _subsample(images: np.ndarray, cfg: TransferSetConfig) -> np.ndarray:
+def subsample(images: np.ndarray, cfg: TransferSetConfig) -> np.ndarray:
     if cfg.max_images and cfg.max_images < len(images):
         idx = np.sort(np.random.default_rng(cfg.seed).choice(len(images), cfg.max_images, replace=False))
         return images[idx]
     return images
 
 
-def _make(images: np.ndarray, source: str, description: str, cfg: TransferSetConfig) -> TransferSet:
+def make_transfer_set(images: np.ndarray, source: str, description: str, cfg: TransferSetConfig) -> TransferSet:
     if len(images) == 0:
         raise ValueError(f"transfer set {source!r} is empty; check transfer_set settings")
     key = hashlib.sha256(cfg.model_dump_json().encode() + ImageSet(images).content_hash().encode()).hexdigest()[:16]
@@ -80,8 +79,8 @@ def _make(images: np.ndarray, source: str, description: str, cfg: TransferSetCon
 @TRANSFER_SETS.register("target_unlabeled")
 def target_unlabeled(ctx: TransferContext, cfg: TransferSetConfig) -> TransferSet:
     """The task's unlabeled remainder (train split minus the labeled subset)."""
-    images = _subsample(ctx.task.train.images[ctx.split.unlabeled], cfg)
-    return _make(images, "target_unlabeled", f"{len(images)} unlabeled target-task images", cfg)
+    images = subsample(ctx.task.train.images[ctx.split.unlabeled], cfg)
+    return make_transfer_set(images, "target_unlabeled", f"{len(images)} unlabeled target-task images", cfg)
 
 
 def match_channels(images: np.ndarray, channels: int) -> np.ndarray:
@@ -93,70 +92,3 @@ def match_channels(images: np.ndarray, channels: int) -> np.ndarray:
         return np.repeat(images, 3, axis=-1)
     luma = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
     return luma.round().clip(0, 255).astype(np.uint8)[..., None]
-
-
-@TRANSFER_SETS.register("generic")
-def generic(ctx: TransferContext, cfg: TransferSetConfig) -> TransferSet:
-    """Any other image pool (``transfer_set.pool``), resized to the task's image size and converted to its
-    channels: a dataset config (loaded wholly; its labels are ignored) or a sharded pool config (the paper's
-    generic transfer set: ``max_images`` images drawn uniformly at random, see :func:`_generic_pool`)."""
-    if cfg.pool is None:
-        raise ValueError("transfer_set.source=generic needs transfer_set.pool (a dataset config, e.g. "
-                         "{format: torchvision, name: MNIST} or {format: image_folder, root: ...}, or a sharded "
-                         "pool, e.g. {format: webdataset, root: ...})")
-    if isinstance(cfg.pool, PoolConfig):
-        return _generic_pool(ctx, cfg)
-    pool = load_task_data(cfg.pool)
-    images = pool.train.images
-    h, w, c = ctx.task.train.images.shape[1:]
-    if images.shape[1:3] != (h, w):
-        import torch
-        import torch.nn.functional as F
-
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
-        x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
-        images = x.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
-    images = _subsample(match_channels(images, c), cfg)
-    return _make(images, "generic", f"{len(images)} images from pool {cfg.pool.format}:{cfg.pool.name or cfg.pool.root}",
-                 cfg)
-
-
-def _generic_pool(ctx: TransferContext, cfg: TransferSetConfig) -> TransferSet:
-    """``transfer_set.max_images`` (default: all) ids drawn uniformly with ``transfer_set.seed`` from every
-    record of the sharded pool (no embeddings needed), decoded at the task's size and channels; images that no
-    longer decode are dropped with a warning. Keyed by the ids, the pool's fingerprint, (H, W, C) and seed."""
-    from orchestrator.config import config_hash
-    from orchestrator.retrieval import domain_fraction, fetch_images
-    from orchestrator.stages.pools import count_records, list_shards, pool_fingerprint, sample_pool_ids
-
-    pool = cfg.pool
-    h, w, c = ctx.task.train.images.shape[1:]
-    shards = list_shards(pool)
-    counts = [count_records(s, pool) for s in shards]
-    drawn = sample_pool_ids(pool, shards, cfg.max_images, cfg.seed, counts=counts)
-    ids, keys, images = fetch_images(drawn, shards, pool, (h, w), c, skip_unreadable=True, with_keys=True)
-    if len(ids) == 0:
-        raise ValueError(f"transfer set 'generic' is empty: pool {pool.root} holds no readable images; check "
-                         "transfer_set.pool")
-    info = {"pool_images": float(sum(counts)), "bad_images": float(len(drawn) - len(ids))}
-    frac = domain_fraction(keys, pool.target_domain_prefix)
-    if frac is not None:
-        info["target_domain_fraction"] = frac
-    key = config_hash({"generic": [hashlib.sha256(ids.tobytes()).hexdigest(), len(ids)],
-                       "pool": pool_fingerprint(pool, shards), "hwc": [int(h), int(w), int(c)],
-                       "seed": int(cfg.seed)})
-    return TransferSet(images, "generic", f"{len(ids)} images drawn at random from pool {pool.root}", key,
-                       info=info)
-
-
-@TRANSFER_SETS.register("retrieval")
-def retrieval(ctx: TransferContext, cfg: TransferSetConfig) -> TransferSet:
-    """Retrieval-augmented: the labeled images' nearest neighbours in a large pool (Vemulapalli et al. 2024)."""
-    from orchestrator.retrieval import retrieval_transfer_set
-
-    return retrieval_transfer_set(ctx, cfg)
-
-
-def build_transfer_set(ctx: TransferContext, cfg: TransferSetConfig) -> TransferSet:
-    """Build the transfer set with the configured source. Raises UnknownNameError for an unknown source."""
-    return TRANSFER_SETS.get(cfg.source)(ctx, cfg)

@@ -23,7 +23,7 @@ from orchestrator.cache import Cache, write_atomic
 from orchestrator.config import ConfigError, PipelineConfig, config_hash, load_task_yaml, resolve_config
 from orchestrator.sweeps.space import SearchSpace, apply_overrides, base_tree, check_values, describe, load_space
 from orchestrator.storage import join
-from orchestrator.sweeps.trial import SweepContext, transfer_set_hash
+from orchestrator.sweeps.trial import SweepContext
 
 log = logging.getLogger(__name__)
 
@@ -50,45 +50,58 @@ def _task_tree(task: str | Path | dict, overrides: list[str] | None, smoke: bool
     return {**cfg.model_dump(mode="json"), "storage": cfg.storage_uri()}
 
 
+def sweep_methods(space: SearchSpace, base: dict) -> list[str]:
+    """The methods a trial can draw: the choices of a ``method`` dimension, else the base config's."""
+    dim = space.space.get("method")
+    return [dim.value(v) for v in dim.names()] if dim is not None else [resolve_config(base).method]
+
+
 def prepare(name: str, space: SearchSpace, base: dict, parent_tracker, sweep_dir: Path) -> SweepContext:
-    """Shared stages, cached: teacher (stand-in if needed), adaptation, every transfer set and its teacher
-    outputs. Stage metrics go on the sweep's parent run as ``<stage>.<metric>``."""
-    from orchestrator.pipeline import (Ctx, load_data, stage_adapt, stage_data, stage_teacher,
-                                       stage_teacher_outputs, stage_transfer_set)
+    """Shared stages, cached: data, and when a method the trials can draw uses it, the teacher (stand-in if
+    needed), its adaptation, every transfer set and its teacher outputs. Stage metrics go on the sweep's parent
+    run as ``<stage>.<metric>``."""
+    import torch
+
+    from orchestrator.methods import METHODS
+    from orchestrator.methods.common import (load_data, stage_adapt, stage_data, stage_teacher,
+                                             stage_teacher_outputs, stage_transfer_set, transfer_slot)
+    from orchestrator.run_context import Ctx
 
     cfg0 = resolve_config(base, source="(sweep base)")
     task, split, dcomp = load_data(cfg0)
-    import torch
-
     ctx = Ctx(cfg0, Cache(cfg0.storage_uri()), parent_tracker, sweep_dir, "cuda" if torch.cuda.is_available()
               else "cpu", task, split, nested_stages=False)
     stage_data(ctx, dcomp)
-    teacher = stage_teacher(ctx)
-    adapted, adapted_key = stage_adapt(ctx, *teacher)
     sets: dict[str, dict] = {}
     passes = 0
-    for i, labels in enumerate(space.transfer_set_variants()):
-        cfg = resolve_config(apply_overrides(base, space.overrides(labels)), source=f"(transfer set {describe(labels)})")
-        h = transfer_set_hash(cfg)
-        if h in sets:
-            continue
-        ctx.cfg = cfg
-        ts, _ = stage_transfer_set(ctx, teacher, adapted, adapted_key)
-        entry = stage_teacher_outputs(ctx, ts, adapted, adapted_key, stage=f"teacher_inference_{i}")
-        n = int(ctx.stages[f"teacher_inference_{i}"]["teacher_forward_passes"])
-        passes += n
-        sets[h] = {"dir": str(entry), "key": ts.key, "source": ts.source, "description": ts.description,
-                   "size": len(ts), "labels": labels, "teacher_forward_passes": n}
-        log.info("transfer set %d (%s): %s; teacher forward passes now %d", i, describe(labels) or "fixed",
-                 ts.description, n)
-        del ts
-    ctx.cfg = cfg0
-    parent_tracker.metrics({"prepare.teacher_forward_passes": passes, "prepare.transfer_sets": len(sets),
-                            "teacher_top1": ctx.stages["adapt_teacher"]["top1"]})
-    return SweepContext(name=name, sweep_dir=str(sweep_dir),
-                        remote_dir=join(cfg0.storage_uri(), "sweeps", name), base=base, space=space,
-                        teacher_id=teacher[0], teacher_key=teacher[1], adapted=str(adapted), adapted_key=adapted_key,
-                        teacher_flops=int(ctx.teacher_flops), transfer_sets=sets)
+    if any(METHODS.get(m).uses_teacher for m in sweep_methods(space, base)):
+        stage_teacher(ctx)
+        stage_adapt(ctx)
+        shared = dict(ctx.keys)
+        for i, labels in enumerate(space.transfer_set_variants()):
+            ctx.cfg = resolve_config(apply_overrides(base, space.overrides(labels)),
+                                     source=f"(transfer set {describe(labels)})")
+            ctx.keys = dict(shared)
+            slot = transfer_slot(ctx)
+            if slot in sets:
+                continue
+            ts = stage_transfer_set(ctx, record_as=f"transfer_set_{i}")
+            entry = stage_teacher_outputs(ctx, ts, record_as=f"teacher_inference_{i}")
+            n = int(ctx.stages[f"teacher_inference_{i}"]["teacher_forward_passes"])
+            passes += n
+            sets[slot] = {"dir": str(entry), "key": ts.key, "source": ts.source, "description": ts.description,
+                          "size": len(ts), "labels": labels, "teacher_forward_passes": n,
+                          "keys": {k: ctx.keys[k] for k in ("transfer_set", "teacher_outputs")}}
+            log.info("transfer set %d (%s): %s; teacher forward passes now %d", i, describe(labels) or "fixed",
+                     ts.description, n)
+            del ts
+        ctx.cfg, ctx.keys = cfg0, shared
+        parent_tracker.metrics({"teacher_top1": ctx.stages["adapt_teacher"]["top1"]})
+    parent_tracker.metrics({"prepare.teacher_forward_passes": passes, "prepare.transfer_sets": len(sets)})
+    return SweepContext(name=name, sweep_dir=str(sweep_dir), remote_dir=join(cfg0.storage_uri(), "sweeps", name),
+                        base=base, space=space, teacher_id=ctx.teacher_id, keys=dict(ctx.keys),
+                        adapted=str(ctx.adapted) if ctx.adapted else None, teacher_flops=int(ctx.teacher_flops),
+                        transfer_sets=sets)
 
 
 def _max_epochs(space: SearchSpace, base: dict) -> int:
@@ -144,7 +157,9 @@ def sweep(space: str | Path | dict, task: str | Path | dict, overrides: list[str
         from orchestrator.ray_adapters.tune import TrialLedger, run_tune
 
         ledger = TrialLedger(uri, tracker.experiment_id, parent, str(sweep_dir), name, sp.search.num_trials)
-        run_tune(sctx, _max_epochs(sp, base), [ledger], resume=bool(state))
+        from orchestrator.sweeps.trial import run_trial
+
+        run_tune(sctx, run_trial, _max_epochs(sp, base), [ledger], resume=bool(state))
         rows = load_rows(sweep_dir)
         metrics = summarise(rows, sp, sweep_dir, tracker, time.perf_counter() - t0)
         write_atomic(state_file, json.dumps({**json.loads(state_file.read_text()), "status": "finished"}, indent=1))

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from orchestrator.cache import Cache, write_atomic
-from orchestrator.config import PipelineConfig, config_hash, resolve_config
+from orchestrator.config import PipelineConfig, resolve_config
 from orchestrator.storage import join
 from orchestrator.sweeps.space import SearchSpace, apply_overrides
 
@@ -30,11 +30,11 @@ class SweepContext:
         sweep_dir: ``<local storage>/sweeps/<name>`` (the driver's state: ledger, CSV, plot).
         remote_dir: ``<storage URI>/sweeps/<name>``: the Tune experiment and each trial's Ray Train
             checkpoints (the same as ``sweep_dir`` for local storage). base: the task config every trial starts from.
-        teacher_id/teacher_key: the teacher before adaptation (loadable id, cache key).
-        adapted/adapted_key: the adapted teacher checkpoint and its cache key; teacher_flops: its forward
-            FLOPs per image.
-        transfer_sets: ``{transfer-set config hash: {"dir", "key", "source", "description", "size",
-            "teacher_forward_passes"}}``, written by the prepare stage.
+        teacher_id: the loadable teacher id (None when no method of the sweep uses a teacher).
+        keys: the stage keys the prepare step made (``data``, ``teacher``, ``adapted_teacher``).
+        adapted: the adapted teacher checkpoint (or None); teacher_flops: its forward FLOPs per image.
+        transfer_sets: ``{transfer slot (methods.common.transfer_slot): {"dir", "keys", "key", "source",
+            "description", "size", "teacher_forward_passes"}}``, written by the prepare stage.
     """
 
     name: str
@@ -42,10 +42,9 @@ class SweepContext:
     remote_dir: str
     base: dict
     space: SearchSpace
-    teacher_id: str
-    teacher_key: str
-    adapted: str
-    adapted_key: str
+    teacher_id: str | None
+    keys: dict[str, str]
+    adapted: str | None
     teacher_flops: int
     transfer_sets: dict[str, dict] = field(default_factory=dict)
 
@@ -55,42 +54,24 @@ def trial_config(sctx: SweepContext, labels: dict[str, Any]) -> PipelineConfig:
     return resolve_config(apply_overrides(sctx.base, sctx.space.overrides(labels)), source=f"(sweep {sctx.name} trial)")
 
 
-def transfer_set_hash(cfg: PipelineConfig) -> str:
-    """What identifies a trial's transfer set (its section; the split and teacher are shared by the sweep)."""
-    return config_hash({"transfer_set": cfg.transfer_set.model_dump(mode="json"),
-                        "online": cfg.distill.teacher_outputs == "online"})
-
-
 def _attempt(tdir: Path, what: str) -> None:
     with open(tdir / "attempts.log", "a") as f:
         f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {what}\n")
 
 
 def _ctx(sctx: SweepContext, cfg: PipelineConfig, tdir: Path):
-    from orchestrator.pipeline import Ctx, load_data
+    """The trial's run context: the prepared keys, teacher and transfer sets; no MLflow of its own (the
+    driver's ledger records the trial)."""
+    from orchestrator.methods.common import load_data
+    from orchestrator.run_context import Ctx
     from orchestrator.tracking import NullTracker
 
     task, split, _ = load_data(cfg)
     # the trial driver holds no GPU (its Train workers do): finetuning on the few labels runs on its CPU
     return Ctx(cfg, Cache(cfg.storage_uri()), NullTracker(), tdir, "cpu", task, split,
-               teacher_flops=sctx.teacher_flops, adapted=Path(sctx.adapted),
-               cpus_per_worker=sctx.space.resources.cpus_per_worker)
-
-
-def _outputs(sctx: SweepContext, ctx, cfg: PipelineConfig) -> tuple[Path, dict]:
-    """The prepared teacher outputs of this trial's transfer set; built here (once, under the cache's
-    write) only if the prepare stage did not cover it."""
-    from orchestrator.pipeline import stage_teacher_outputs, stage_transfer_set
-
-    ts_info = sctx.transfer_sets.get(transfer_set_hash(cfg))
-    if ts_info and Path(ts_info["dir"], "_COMPLETE").is_file():
-        ctx.stages["teacher_inference"] = {"teacher_forward_passes": 0, "cache_hit": 1.0}
-        return Path(ts_info["dir"]), ts_info
-    log.warning("transfer set of this trial was not prepared; building it in the trial")
-    ts, _ = stage_transfer_set(ctx, (sctx.teacher_id, sctx.teacher_key), Path(sctx.adapted), sctx.adapted_key)
-    entry = stage_teacher_outputs(ctx, ts, Path(sctx.adapted), sctx.adapted_key)
-    return entry, {"dir": str(entry), "key": ts.key, "source": ts.source, "description": ts.description,
-                   "size": len(ts)}
+               teacher_flops=sctx.teacher_flops, adapted=Path(sctx.adapted) if sctx.adapted else None,
+               cpus_per_worker=sctx.space.resources.cpus_per_worker, keys=dict(sctx.keys),
+               teacher_id=sctx.teacher_id, prepared=sctx.transfer_sets, plots=False)
 
 
 def finished_twin(sweep_dir: Path, tdir: Path, cfg: PipelineConfig) -> Path | None:
@@ -165,53 +146,62 @@ def run_trial(sctx: SweepContext, trial_id: str, labels: dict[str, Any], report:
     return final
 
 
+TRAINING_STAGES = ("distill", "finetune", "ssl_pretrain", "baseline")  # what a trial's device time is spent on
+
+
 def _train(sctx: SweepContext, cfg: PipelineConfig, trial_id: str, tdir: Path, callbacks: list | None) -> dict:
-    """Distill (Ray Train), finetune, evaluate on the validation and test images; the trial's final report."""
+    """The trial's method (distillation on Ray Train, finetuning), evaluated on the validation and test
+    images; the trial's final report."""
     import torch
 
-    from orchestrator.pipeline import stage_distill, stage_supervised
-    from orchestrator.stages.evaluate import evaluate
+    from orchestrator.methods import METHODS
+    from orchestrator.methods.student_stages import stage_evaluate
 
     torch.set_num_threads(max(1, int(sctx.space.resources.cpus_per_worker)))
     ctx = _ctx(sctx, cfg, tdir)
-    outputs, ts_info = _outputs(sctx, ctx, cfg)
     fwd = _student_flops(ctx, cfg)
-    student, pre = stage_distill(ctx, outputs, "distill", run_name=trial_id, storage=join(sctx.remote_dir, "train"),
-                                 callbacks=callbacks, extra_metrics={"student_flops": float(fwd)})
-    val, test, k = ctx.task.train.subset(ctx.split.val), ctx.task.test, ctx.task.num_classes
-    distilled = [evaluate(student, pre, x, k, device=ctx.device).top1 for x in (val, test)]
-    student = stage_supervised(ctx, "finetune", student, pre, cfg.finetune)
-    final_val, final_test = [evaluate(student, pre, x, k, device=ctx.device).top1 for x in (val, test)]
-    d, ft = ctx.stages["distill"], ctx.stages["finetune"]
-    passes = ctx.stages.get("teacher_inference", {}).get("teacher_forward_passes", 0) + d["teacher_forward_passes"]
+    ctx.train_hooks = {"run_name": trial_id, "storage": join(sctx.remote_dir, "train"), "callbacks": callbacks,
+                       "extra_metrics": {"student_flops": float(fwd)}}
+    method = METHODS.get(cfg.method)
+    res = method.train(ctx)
+    final_test = stage_evaluate(ctx, "student", method.role, res.student, res.preprocess, res.model_id)
+    st = ctx.stages
+    final_val = st["evaluate_student"]["val_top1"]
+    dist = st.get("evaluate_distilled", {})
+    train = [st[k] for k in TRAINING_STAGES if k in st]
+    d = st.get("distill", {})
+    passes = st.get("teacher_inference", {}).get("teacher_forward_passes", 0) + d.get("teacher_forward_passes", 0)
     final = {
-        "val_top1": final_val, "test_top1": final_test, "distilled_val_top1": distilled[0],
-        "distilled_test_top1": distilled[1], "student_flops": float(fwd),
-        "student_params": float(sum(p.numel() for p in student.parameters())),
-        "device_seconds": d["device_seconds"] + ft["device_seconds"], "train_flops": d["flops"] + ft["flops"],
-        "images_seen": float(d["images"] + ft["images"]), "distill_epochs": float(d["epochs"]),
-        "distill_restarts": float(d["restarts"]), "transfer_set_size": float(ts_info["size"]),
+        "val_top1": final_val, "test_top1": final_test, "distilled_val_top1": dist.get("val_top1", float("nan")),
+        "distilled_test_top1": dist.get("top1", float("nan")), "student_flops": float(fwd),
+        "student_params": float(sum(p.numel() for p in res.student.parameters())),
+        "device_seconds": sum(x["device_seconds"] for x in train), "train_flops": sum(x["flops"] for x in train),
+        "images_seen": float(sum(x["images"] for x in train)), "distill_epochs": float(d.get("epochs", 0)),
+        "distill_restarts": float(d.get("restarts", 0)),
+        "transfer_set_size": float(st.get("transfer_set", {}).get("size", 0)),
         "teacher_forward_passes": float(passes), "kt_final": 1.0,
-        "kt_tags": {"teacher": sctx.teacher_id, "adapted_teacher.key": sctx.adapted_key,
-                    "transfer_set.source": cfg.transfer_set.source, "transfer_set.key": ts_info["key"],
-                    "teacher_outputs.key": Path(ts_info["dir"]).name, "student": cfg.student.id,
-                    "trial_dir": str(tdir)},
+        "kt_tags": {"method": cfg.method, "teacher": sctx.teacher_id or "", "transfer_set.source": cfg.transfer_set.source,
+                    "student": res.model_id, "trial_dir": str(tdir),
+                    **{f"{k}.key": v for k, v in ctx.keys.items() if k in LINEAGE_STAGES}},
     }
-    final["kt_tags"]["student_bundle"] = str(keep_student(sctx, trial_id, tdir, ctx, student, pre, final))
+    final["kt_tags"]["student_bundle"] = str(keep_student(sctx, trial_id, tdir, ctx, res, final))
     return final
 
 
-def keep_student(sctx: SweepContext, trial_id: str, tdir: Path, ctx, student, pre, final: dict) -> Path:
+LINEAGE_STAGES = ("adapted_teacher", "transfer_set", "teacher_outputs", "teacher_features", "ssl_pretrain")
+
+
+def keep_student(sctx: SweepContext, trial_id: str, tdir: Path, ctx, res, final: dict) -> Path:
     """Write the trial's final student as ``<trial dir>/student.pt`` (a kt-student/1 bundle with its lineage),
     before ``final.json``: a trial that finished always holds its student."""
     from orchestrator.models.export import BUNDLE_FILE, example_images, save_student
 
     cfg = ctx.cfg
-    lineage = {**{k: v for k, v in final["kt_tags"].items() if k != "trial_dir"}, "method": "task_oriented",
+    lineage = {**{k: v for k, v in final["kt_tags"].items() if k != "trial_dir"},
                "task": cfg.name, "sweep": sctx.name, "trial_id": trial_id,
                **{k: final[k] for k in ("val_top1", "test_top1", "student_flops", "student_params")}}
-    return save_student(tdir / BUNDLE_FILE, student.cpu().eval(), pre, model_id=cfg.student.id,
-                        model_kwargs=cfg.student.model_kwargs, classes=ctx.task.classes,
+    return save_student(tdir / BUNDLE_FILE, res.student.cpu().eval(), res.preprocess, model_id=res.model_id,
+                        model_kwargs=res.model_kwargs, classes=ctx.task.classes,
                         examples=example_images(ctx.task.test.images), lineage=lineage)
 
 
@@ -220,6 +210,8 @@ def _student_flops(ctx, cfg: PipelineConfig) -> int:
     from orchestrator.models.students import create_student, student_preprocess
     from orchestrator.stages.compute import forward_flops
 
-    pre = student_preprocess(cfg.student.id, cfg.student.model_kwargs, ctx.task)
-    student = create_student(cfg.student.id, ctx.task.num_classes, pre, cfg.student.model_kwargs)
-    return forward_flops(student, (pre.channels, *pre.size))
+    from orchestrator.methods.common import student_arch
+
+    mid, kwargs = student_arch(cfg)
+    pre = student_preprocess(mid, kwargs, ctx.task)
+    return forward_flops(create_student(mid, ctx.task.num_classes, pre, kwargs), (pre.channels, *pre.size))

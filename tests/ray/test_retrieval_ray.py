@@ -14,7 +14,8 @@ from orchestrator.data import make_split
 from orchestrator.retrieval import load_manifest, random_pool_sample
 from orchestrator.stages.embed import shard_paths
 from orchestrator.stages.pools import list_shards
-from orchestrator.stages.transfer_sets import TransferContext, build_transfer_set
+from orchestrator.stages.transfer_sets import TransferContext
+from orchestrator.transfer import build_transfer_set
 from tests.conftest import ROOT, TINY_RESNET
 from tests.pools import mixed_pool_images, write_webdataset
 

@@ -14,7 +14,9 @@ def test_task_yaml_loads_and_overrides_apply():
 def test_smoke_profile_applies_dotted_values():
     full, smoke = load_config(TASK), load_config(TASK, smoke=True)
     assert full.data.limit_train is None and smoke.data.limit_train == 2000
-    assert smoke.distill.epochs < full.distill.epochs
+    from orchestrator.stages.schedule import distill_plan  # smoke: 2 epochs; full: the default 2,000 steps
+
+    assert distill_plan(1900, smoke.distill, 2).total_steps < distill_plan(1900, full.distill, 2).total_steps
 
 
 def test_unknown_key_is_named():

@@ -8,7 +8,8 @@ from orchestrator.data.loaders import DataError
 from orchestrator.retrieval import fetch_images
 from orchestrator.stages.embedding_io import split_id
 from orchestrator.stages.pools import count_records, iter_records, list_shards, sample_pool_ids
-from orchestrator.stages.transfer_sets import TransferContext, build_transfer_set
+from orchestrator.stages.transfer_sets import TransferContext
+from orchestrator.transfer import build_transfer_set
 from tests.pools import mixed_pool_images, write_image_dir, write_parquet, write_webdataset
 
 PER_SHARD = 50

@@ -143,4 +143,8 @@ def test_mnist_task_yaml_and_smoke_profile():
     assert cfg.tracking.experiment == "mnist" and smoke.tracking.experiment == "mnist_smoke"
     assert cfg.teacher == load_config(TASK).teacher  # extends fashion_mnist.yaml: the same teacher
     assert smoke.name == "mnist_smoke" and smoke.data.limit_train == 2000 and smoke.data.limit_test == 500
-    assert smoke.labels.per_class == 10 and smoke.distill.epochs < cfg.distill.epochs
+    from orchestrator.stages.schedule import distill_plan  # smoke: 2 epochs; full: the default 2,000 steps
+
+    assert smoke.labels.per_class == 10
+    assert distill_plan(1900, smoke.distill, 2).total_steps < distill_plan(3900, cfg.distill, 2).total_steps
+    assert cfg.data.augment_policy().hflip is False and smoke.data.augment_policy().hflip is False

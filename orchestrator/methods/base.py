@@ -1,0 +1,49 @@
+"""The method plug-in kind: :class:`Method` entries in the :data:`METHODS` registry (see the package doc)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from orchestrator.registry import Registry
+
+
+@dataclass
+class MethodResult:
+    """What a method's training returns: the final ``student`` (nn.Module, (B, C, H, W) float32 -> (B, K)
+    logits) and its ``preprocess``; ``model_id``/``model_kwargs`` of the student's architecture; ``metrics``:
+    intermediate test top-1s (e.g. ``distilled_top1``)."""
+
+    student: object
+    preprocess: object
+    model_id: str
+    model_kwargs: dict
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method.
+
+    Attributes:
+        name: the ``method:`` value. train: ``fn(ctx) -> MethodResult`` (runs its stages through the graph).
+        summary: one line for ``kt methods`` and tables. source: the paper and section it comes from.
+        role: the final student's row label. uses_teacher: needs the adapted teacher (a sweep prepares it).
+        transfer_stages: the recorded stages whose compute counts as *transfer compute* (what the method spends
+            beyond training a student on the labels, as paper 1 accounts pretraining compute).
+    """
+
+    name: str
+    train: Callable
+    summary: str
+    source: str
+    role: str
+    uses_teacher: bool
+    transfer_stages: tuple[str, ...]
+
+
+METHODS: Registry[Method] = Registry("method")
+
+
+def register(method: Method) -> Method:
+    """Register ``method`` under its name (ValueError on a duplicate)."""
+    return METHODS.register(method.name)(method)
