@@ -105,10 +105,17 @@ def prepare(name: str, space: SearchSpace, base: dict, parent_tracker, sweep_dir
 
 
 def _max_epochs(space: SearchSpace, base: dict) -> int:
-    dim = space.space.get("distill.epochs")
-    if dim is None:
-        return int(resolve_config(base).distill.epochs)
-    return int(max(dim.value(v) for v in dim.extremes()))
+    from orchestrator.stages.schedule import report_epochs
+
+    distill = resolve_config(base).distill
+    for key in ("distill.epochs", "distill.steps"):
+        dim = space.space.get(key)
+        if dim is not None:
+            field = key.split(".")[1]
+            other = "steps" if field == "epochs" else "epochs"
+            return max(report_epochs(distill.model_copy(update={field: int(dim.value(v)), other: None}))
+                       for v in dim.extremes())
+    return report_epochs(distill)
 
 
 def sweep(space: str | Path | dict, task: str | Path | dict, overrides: list[str] | None = None,
