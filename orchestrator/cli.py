@@ -1,59 +1,16 @@
-"""`kt`: the command line. Heavy modules (torch, ray, mlflow) are imported inside commands only."""
+"""`kt`: the command line. Heavy modules (torch, ray, mlflow) are imported inside commands only.
+
+The training, sweep, comparison and deployment commands are here; the Ray Jobs commands (submit, jobs, status,
+logs, stop) in :mod:`orchestrator.cli_jobs`; the app and shared helpers in :mod:`orchestrator.cli_common`."""
 from __future__ import annotations
 
-import logging
-import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Task-oriented knowledge transfer from vision foundation models into small students.")
-
-SetOpt = typer.Option(None, "--set", "-s", help="override a config value: --set distill.epochs=5 (repeatable)")
-SmokeOpt = typer.Option(False, "--smoke", help="apply the task's smoke profile (small subset, tiny models)")
-StorageOpt = typer.Option(None, "--storage", help="storage root for cache, runs and the MLflow store")
-
-
-def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
-    for noisy in ("alembic", "mlflow", "urllib3", "filelock", "timm", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def _load(task: Path, sets: list[str] | None, smoke: bool, storage: str | None):
-    from orchestrator.config import load_config
-
-    overrides = list(sets or [])
-    if storage:
-        overrides.append(f"storage={storage}")
-    return load_config(task, overrides, smoke)
-
-
-def _fail(e: Exception) -> None:
-    from rich.console import Console
-
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {e}", highlight=False)
-    raise typer.Exit(2)
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    from orchestrator.config import ConfigError
-    from orchestrator.data.loaders import DataError
-    from orchestrator.ids import ModelIdError
-    from orchestrator.models.export import DeployError
-    from orchestrator.models.onnx_student import InputShapeError
-    from orchestrator.models.teachers import ModelLoadError
-    from orchestrator.registry import UnknownNameError
-    from orchestrator.stages.curate import EmptyTransferSetError
-    from orchestrator.stages.index import IndexMismatchError
-
-    from orchestrator.similarity.core import SimilarityError
-
-    return (ConfigError, DataError, ModelIdError, ModelLoadError, UnknownNameError, EmptyTransferSetError,
-            IndexMismatchError, DeployError, InputShapeError, SimilarityError)
+from orchestrator.cli_common import (SetOpt, SmokeOpt, StorageOpt, _fail, _load, _setup_logging,  # noqa: F401
+                                     _user_errors, app)
 
 
 @app.command()
@@ -259,135 +216,6 @@ def report(sweep: str = typer.Argument(..., help="sweep name (under <storage>/sw
     print_sweep_dir(d)
 
 
-AddressOpt = typer.Option(None, "--address", help="Ray Jobs API [$KT_JOBS_ADDRESS or http://127.0.0.1:8265]")
-
-
-def _jobs_errors():
-    from orchestrator.ray_adapters.jobs import JobsError
-
-    return (JobsError,)
-
-
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def submit(ctx: typer.Context,
-           kind: str = typer.Argument(..., help="run or sweep, followed by its arguments as for `kt run`/`kt sweep`"),
-           address: Optional[str] = AddressOpt,
-           working_dir: Path = typer.Option(Path("."), "--working-dir", help="uploaded as the job's working "
-                                            "directory (task and space files, the project)"),
-           env: Optional[List[str]] = typer.Option(None, "--env", help="KEY=VALUE for the job (repeatable)"),
-           pip: Optional[List[str]] = typer.Option(None, "--pip", help="extra pip requirement for the job"),
-           exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="glob left out of the upload"),
-           follow: bool = typer.Option(False, "--follow", help="stream the job's log until it ends")) -> None:
-    """Submit `kt run ...` or `kt sweep ...` to a Ray cluster through the Jobs API; prints the job id."""
-    _setup_logging()
-    if kind not in ("run", "sweep"):
-        _fail(ValueError(f"kt submit takes run or sweep, not {kind!r}: kt submit sweep SPACE --task TASK"))
-    envs = {}
-    for item in env or []:
-        k, sep, v = item.partition("=")
-        if not sep:
-            _fail(ValueError(f"--env {item!r} is not KEY=VALUE"))
-        envs[k] = v
-    try:
-        from orchestrator.ray_adapters.jobs import submit as submit_job
-
-        job = submit_job([kind, *ctx.args], address, working_dir, envs, list(pip or []), list(exclude or []))
-    except _jobs_errors() as e:
-        _fail(e)
-    typer.echo(f"submitted job {job.job_id} to {job.address}")
-    typer.echo(f"  follow it: kt logs {job.job_id} --follow    status: kt status {job.job_id}    "
-               f"stop: kt stop {job.job_id}")
-    if follow:
-        _end(job, job.follow())
-
-
-def _end(job, status: str) -> None:
-    typer.echo(f"job {job.job_id}: {status}")
-    if status != "SUCCEEDED":
-        if status == "FAILED":
-            typer.echo("last lines of its log:", err=True)
-            typer.echo(job.logs(tail=30), err=True)
-            msg = getattr(job.info(), "message", None)
-            if msg:
-                typer.echo(f"Ray: {msg.strip().splitlines()[-1]}", err=True)
-        raise typer.Exit(1)
-
-
-@app.command()
-def jobs(address: Optional[str] = AddressOpt) -> None:
-    """List the cluster's jobs, newest first."""
-    from rich.console import Console
-    from rich.table import Table
-
-    try:
-        from orchestrator.ray_adapters.jobs import list_jobs
-
-        items = list_jobs(address)
-    except _jobs_errors() as e:
-        _fail(e)
-    t = Table(title="Ray jobs")
-    for col in ("job", "status", "started", "entrypoint"):
-        t.add_column(col)
-    import time as _t
-
-    for j in items:
-        started = _t.strftime("%Y-%m-%d %H:%M:%S", _t.localtime(j.start_time / 1000)) if j.start_time else "-"
-        t.add_row(j.submission_id or j.job_id or "-", str(j.status.value), started, j.entrypoint)
-    Console(width=None if sys.stdout.isatty() else 200).print(t)
-
-
-@app.command()
-def status(job: str = typer.Argument(..., help="job id (from kt submit / kt jobs)"),
-           address: Optional[str] = AddressOpt) -> None:
-    """Print a job's status (exit code 1 if it failed or was stopped)."""
-    from orchestrator.ray_adapters.jobs import JobHandle
-
-    try:
-        h = JobHandle(job, address or _addr())
-        s = h.status()
-    except _jobs_errors() as e:
-        _fail(e)
-    typer.echo(s)
-    if s in ("FAILED", "STOPPED"):
-        raise typer.Exit(1)
-
-
-@app.command()
-def logs(job: str = typer.Argument(..., help="job id"), address: Optional[str] = AddressOpt,
-         follow: bool = typer.Option(False, "--follow", "-f", help="stream until the job ends")) -> None:
-    """Print a job's log (its driver's output); --follow streams it and exits with the job's outcome."""
-    from orchestrator.ray_adapters.jobs import JobHandle
-
-    try:
-        h = JobHandle(job, address or _addr())
-        if follow:
-            _end(h, h.follow())
-        else:
-            typer.echo(h.logs())
-    except _jobs_errors() as e:
-        _fail(e)
-
-
-@app.command()
-def stop(job: str = typer.Argument(..., help="job id"), address: Optional[str] = AddressOpt) -> None:
-    """Stop a running job."""
-    from orchestrator.ray_adapters.jobs import JobHandle
-
-    try:
-        h = JobHandle(job, address or _addr())
-        was = h.stop()
-        final = h.wait(timeout=60)
-    except _jobs_errors() as e:
-        _fail(e)
-    typer.echo(f"job {job}: {'stopped' if was else 'was not running'} ({final})")
-
-
-def _addr() -> str:
-    from orchestrator.ray_adapters.jobs import default_address
-
-    return default_address()
-
-
 @app.command("pretrain-teacher")
 def pretrain_teacher(task: Path = typer.Argument(..., help="task YAML whose `standin` section to build"),
                      set: Optional[List[str]] = SetOpt, smoke: bool = SmokeOpt,
@@ -436,6 +264,8 @@ def make_demo_pool(task: Path = typer.Argument(..., help="task YAML whose unlabe
     typer.echo(f"{'total':>14}: {info['total']:>7,} in {len(info['shards'])} shards")
     typer.echo(f"pool: {out}")
 
+
+from orchestrator import cli_jobs  # noqa: E402,F401 (registers the Ray Jobs commands, listed after these)
 
 if __name__ == "__main__":
     app()

@@ -114,15 +114,13 @@ def compare(task: str | Path, methods: list[str] | None = None, seeds: list[int]
         ConfigError / UnknownNameError / ModelLoadError / DataError: bad task, method or model, before any
             training (every method x seed config is validated and preflighted first).
     """
-    import torch
-
     from orchestrator.cache import Cache
     from orchestrator.methods import METHODS
     from orchestrator.methods.common import load_data, stage_data
-    from orchestrator.pipeline import run_method
+    from orchestrator.pipeline import open_session, run_method
     from orchestrator.preflight import preflight
     from orchestrator.run_context import Ctx
-    from orchestrator.tracking import Tracker, default_tracking_uri, flatten
+    from orchestrator.tracking import flatten
 
     base = load_config(task, overrides, smoke)
     names = list(methods or [m for m in ORDER if m in METHODS] + [m for m in METHODS.names() if m not in ORDER])
@@ -132,12 +130,7 @@ def compare(task: str | Path, methods: list[str] | None = None, seeds: list[int]
     for c in cfgs.values():
         preflight(c)
     task_data, split, dcomp = load_data(base)
-    storage = base.storage_path()
-    out_dir = storage / "compare" / f"{base.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    uri = base.tracking.tracking_uri or default_tracking_uri(storage)
-    tracker = Tracker(uri, base.tracking.experiment, storage / "mlartifacts")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out_dir, uri, tracker, device = open_session(base, "compare")
     rows = []
     with tracker.run(f"compare-{base.name}", tags={"kt.kind": "compare", "teacher": base.teacher.id,
                                                    "student": base.student.id}) as parent:

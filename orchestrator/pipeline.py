@@ -14,9 +14,26 @@ from orchestrator.cache import Cache
 from orchestrator.config import PipelineConfig
 from orchestrator.methods.common import load_data, stage_data  # noqa: F401 (re-exported)
 from orchestrator.preflight import preflight
-from orchestrator.run_context import Ctx, RunResult, cached_compute  # noqa: F401 (re-exported)
+from orchestrator.run_context import Ctx, RunResult  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
+
+
+def open_session(cfg: PipelineConfig, kind: str):
+    """What a run, a comparison or a source ranking opens first: its directory
+    ``<storage>/<kind>/<name>-<YYYYmmdd-HHMMSS>``, the MLflow store (``tracking.tracking_uri``, else the sqlite
+    file under the storage root) and its Tracker, and the device ("cuda" when visible, else "cpu").
+    Returns (dir, tracking URI, Tracker, device)."""
+    import torch
+
+    from orchestrator.tracking import Tracker, default_tracking_uri
+
+    storage = cfg.storage_path()
+    out_dir = storage / kind / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    uri = cfg.tracking.tracking_uri or default_tracking_uri(storage)
+    return out_dir, uri, Tracker(uri, cfg.tracking.experiment, storage / "mlartifacts"), (
+        "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def run(config: PipelineConfig) -> RunResult:
@@ -25,20 +42,10 @@ def run(config: PipelineConfig) -> RunResult:
     Raises ConfigError/DataError/ModelLoadError/UnknownNameError for bad input (before heavy work where
     possible), ray.train.TrainingFailedError if distillation fails after retries.
     """
-    import torch
-
-    from orchestrator.tracking import Tracker, default_tracking_uri
-
     cfg = config
-    storage = cfg.storage_path()
-    storage.mkdir(parents=True, exist_ok=True)
     preflight(cfg)
     task, split, data_compute = load_data(cfg)
-    uri = cfg.tracking.tracking_uri or default_tracking_uri(storage)
-    tracker = Tracker(uri, cfg.tracking.experiment, storage / "mlartifacts")
-    run_dir = storage / "runs" / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    run_dir, uri, tracker, device = open_session(cfg, "runs")
     ctx = Ctx(cfg, Cache(cfg.storage_uri()), tracker, run_dir, device, task, split)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     t0 = time.perf_counter()

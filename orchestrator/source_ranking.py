@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,8 +64,6 @@ def rank_sources(task, overrides: list[str] | None = None, smoke: bool = False, 
         ConfigError / UnknownNameError / ModelLoadError / DataError: bad task, zoo, metric or source, before
             any inference; SimilarityError: a metric scoring a source non-finite.
     """
-    import torch
-
     from orchestrator.cache import Cache
     from orchestrator.config import load_config
     from orchestrator.methods.common import load_data, stage_data, stage_transfer_set
@@ -74,7 +71,7 @@ def rank_sources(task, overrides: list[str] | None = None, smoke: bool = False, 
                                                      stage_probe_eval)
     from orchestrator.run_context import Ctx
     from orchestrator.similarity import SIMILARITY, rank_correlations
-    from orchestrator.tracking import Tracker, default_tracking_uri
+    from orchestrator.pipeline import open_session
 
     from orchestrator.config import PipelineConfig
 
@@ -85,12 +82,7 @@ def rank_sources(task, overrides: list[str] | None = None, smoke: bool = False, 
     cfg = cfg.model_copy(update={"sources": cfg.sources.model_copy(update={"metric": "logme"})})  # feature-only
     check_config(cfg)
     task_data, split, dcomp = load_data(cfg)
-    storage = cfg.storage_path()
-    out_dir = storage / "rank_sources" / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    uri = cfg.tracking.tracking_uri or default_tracking_uri(storage)
-    tracker = Tracker(uri, cfg.tracking.experiment, storage / "mlartifacts")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out_dir, uri, tracker, device = open_session(cfg, "rank_sources")
     with tracker.run(f"rank-sources-{cfg.name}", tags={"kt.kind": "rank_sources"}) as parent:
         ctx = Ctx(cfg, Cache(cfg.storage_uri()), tracker, out_dir, device, task_data, split, nested_stages=False)
         stage_data(ctx, dcomp)

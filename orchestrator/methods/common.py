@@ -91,6 +91,7 @@ def stage_adapt(ctx: Ctx) -> Path:
     from orchestrator.models.teachers import load_model_checkpoint, load_teacher, save_model_checkpoint
     from orchestrator.stages.adapt_teacher import adapt_teacher
     from orchestrator.stages.evaluate import evaluate, plot_confusion
+    from orchestrator.stages.schedule import supervised_plan
 
     cfg, task = ctx.cfg, ctx.task
     labeled = task.train.subset(ctx.split.labeled)
@@ -101,7 +102,8 @@ def stage_adapt(ctx: Ctx) -> Path:
         adapt_teacher(teacher, labeled, task.num_classes, cfg.teacher, seed, ctx.device)
         fwd = forward_flops(teacher, (teacher.preprocess.channels, *teacher.preprocess.size))
         # probe features once, then (LP-FT) finetune epochs at ~3x a forward pass each
-        ft_images = len(labeled) * cfg.teacher.finetune.epochs if cfg.teacher.adapt == "finetune" else 0
+        ft = cfg.teacher.adapt == "finetune"
+        ft_images = supervised_plan(len(labeled), cfg.teacher.finetune).images() if ft else 0
         c.images, c.flops = len(labeled) + ft_images, fwd * len(labeled) + 3 * fwd * ft_images
         save_model_checkpoint(teacher, tmp / "teacher.pt", task.classes)
         return {"teacher": ctx.teacher_id}

@@ -122,7 +122,7 @@ def train_from_sources(ctx, method: str) -> MethodResult:
     metrics = {"distilled_top1": stage_evaluate(ctx, "distilled", "student (distilled from sources)", student, pre),
                "sources_used": float(sum(w > 0 for w in weights.values())), "top_weight": weights[top]}
     ctx.tracker.tags({"sources.top": top, "sources.metric": cfg.sources.metric})
-    if cfg.sources.finetune.epochs:
+    if cfg.sources.finetune.budget().value:  # a budget of 0 (steps or epochs): no finetune
         student = stage_train(ctx, "multi_finetune", student, pre, cfg.sources.finetune, record_as="finetune")
     ctx.stages.setdefault("source_choice", {}).update({"weights": weights, "scores": scores})
     return MethodResult(student, pre, cfg.student.id, cfg.student.model_kwargs, metrics)

@@ -54,7 +54,7 @@ def zoo_of(cfg: PipelineConfig):
     """
     from pydantic import ValidationError
 
-    from orchestrator.zoo.config import SourceConfig, ZooConfig, check_label_leak, load_zoo
+    from orchestrator.zoo.config import ZooConfig, check_label_leak, load_zoo
 
     s = cfg.sources
     if s.demo:
@@ -65,7 +65,7 @@ def zoo_of(cfg: PipelineConfig):
         zoo = load_zoo(s.zoo)
     elif s.zoo:
         try:
-            zoo = ZooConfig(sources=[SourceConfig(**e.model_dump()) for e in s.zoo])
+            zoo = ZooConfig(sources=list(s.zoo))
         except ValidationError as e:
             raise ConfigError(f"sources.zoo: {e.errors()[0]['msg']}") from None
     else:

@@ -17,9 +17,7 @@ def train(ctx) -> MethodResult:
     metrics = {"distilled_top1": stage_evaluate(ctx, "distilled", "student (distilled)", student, pre)}
     rcfg = cfg.transfer_set.retrieval
     if cfg.transfer_set.source == "retrieval" and rcfg is not None and rcfg.random_control and not ctx.prepared:
-        keys = dict(ctx.keys)
-        random_top1 = stage_random_control(ctx, int(ctx.stages["transfer_set"]["size"]))
-        ctx.keys = keys
+        random_top1 = stage_random_control(ctx, int(ctx.stages["transfer_set"]["size"]))  # keeps ctx.keys
         metrics.update(random_control_top1=random_top1, retrieval_gain_over_random=metrics["distilled_top1"] - random_top1)
     student = stage_train(ctx, "finetune", student, pre, cfg.finetune, finetune=True)
     return MethodResult(student, pre, cfg.student.id, cfg.student.model_kwargs, metrics)

@@ -11,20 +11,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from orchestrator.ray_adapters.train import resolve_ref  # the same cache references
+
 log = logging.getLogger(__name__)
-
-
-def _resolve(ref) -> Path:
-    """A cache reference ``{"storage", "kind", "key"}`` -> this node's copy of the entry; a path -> itself."""
-    if not isinstance(ref, dict):
-        return Path(ref)
-    from orchestrator.cache import Cache
-
-    entry = Cache(ref["storage"]).lookup(ref["kind"], ref["key"])
-    if entry is None:
-        raise FileNotFoundError(f"cache entry {ref['kind']}/{ref['key']} is not under {ref['storage']}; "
-                                "this node cannot see the driver's storage (use a storage URI on a cluster)")
-    return entry
 
 
 def load_data(config: dict):
@@ -34,7 +23,7 @@ def load_data(config: dict):
     from orchestrator.data.images import ImageSet
     from orchestrator.stages.multi_distill import MultiDistillData, SourceTargets
 
-    dirs = [_resolve(s["entry"]) for s in config["sources"]]
+    dirs = [resolve_ref(s["entry"]) for s in config["sources"]]
     targets = [SourceTargets(s["name"], float(s["weight"]), np.load(d / "pseudo.npy", mmap_mode="r"),
                              np.load(d / "features.npy", mmap_mode="r")) for s, d in zip(config["sources"], dirs)]
     lab = config["labeled"]

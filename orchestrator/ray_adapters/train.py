@@ -42,7 +42,7 @@ def _train_fn(config: dict) -> None:
     use_feat = cfg.feature_weight > 0
     data = DistillData(np.load(d / "images.npy", mmap_mode="r"),
                        None if online else np.load(d / "logits.npy", mmap_mode="r"), lab,
-                       online_teacher(_resolve(config["teacher_checkpoint"]), device) if online else None,
+                       online_teacher(resolve_ref(config["teacher_checkpoint"]), device) if online else None,
                        np.load(d / "features.npy", mmap_mode="r") if use_feat and not online else None)
     val = val if rank == 0 else None  # held-out labeled images: rank 0 reports the per-epoch selection metric
     torch.manual_seed(config["seed"])
@@ -96,7 +96,7 @@ def _train_fn(config: dict) -> None:
             os._exit(1)
 
 
-def _resolve(ref) -> Path:
+def resolve_ref(ref) -> Path:
     """A cache reference ``{"storage", "kind", "key"}`` -> this node's copy of the entry (downloaded from a
     storage URI when needed); a path -> itself."""
     if not isinstance(ref, dict):
@@ -118,7 +118,7 @@ def _inputs(src):
 
     if isinstance(src, dict) and "kind" in src:
         lab, val = src["labeled"], src.get("val")
-        return (_resolve(src), ImageSet(lab["images"], lab["labels"]),
+        return (resolve_ref(src), ImageSet(lab["images"], lab["labels"]),
                 ImageSet(val["images"], val["labels"]) if val else None)
     d = Path(src)
     lab = np.load(d / "labeled.npz")

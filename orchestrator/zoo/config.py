@@ -10,11 +10,10 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import ValidationError, model_validator
 
-from orchestrator.config import ConfigError, Strict
+from orchestrator.config import ConfigError, SourceEntry, Strict
 
 log = logging.getLogger(__name__)
 
@@ -28,22 +27,7 @@ class LabelLeakError(ConfigError):
     """A zoo source trained on the target task's own labels; the message names the source and the fix."""
 
 
-class SourceConfig(Strict):
-    """One source model of the zoo.
-
-    Attributes:
-        name: unique name in the zoo (used in reports). id: a model id (``pypi/efficientnet_lite0``,
-            ``checkpoint/<path>``, ``timm/<arch>:<weights>``; see :mod:`orchestrator.models.teachers`).
-        model_kwargs: passed to the backend (``input_size``: the square input side in pixels).
-        trained_on: the labeled data the source's weights (and head) were trained on; None = unknown.
-        description: what the source is and how it was made (provenance).
-    """
-
-    name: str = Field(min_length=1)
-    id: str = Field(min_length=1)
-    model_kwargs: dict[str, Any] = Field(default_factory=dict)
-    trained_on: str | None = None
-    description: str = ""
+SourceConfig = SourceEntry  # one source model of the zoo (the ``sources.zoo`` entries of the pipeline config)
 
 
 class ZooConfig(Strict):
