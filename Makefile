@@ -46,3 +46,4 @@ bench: setup
 	$(BIN)/python benchmarks/teacher_inference.py
 	$(BIN)/python benchmarks/retrieval.py
 	$(BIN)/python benchmarks/sweep_cache.py
+	$(BIN)/python benchmarks/train_overhead.py

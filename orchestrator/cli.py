@@ -70,7 +70,7 @@ def sweep(space: Path = typer.Argument(..., help="search space YAML, e.g. search
 
 @app.command()
 def compare(task: Path = typer.Argument(..., help="task YAML, e.g. tasks/fashion_mnist.yaml"),
-            methods: Optional[str] = typer.Option(None, "--methods", help="comma-separated methods [all; `kt methods`]"),
+            methods: Optional[str] = typer.Option(None, "--methods", help="comma-separated methods [every method the task can run; `kt methods`]"),
             seeds: str = typer.Option("0,1,2", "--seeds", help="comma-separated student seeds"),
             set: Optional[List[str]] = SetOpt, smoke: bool = SmokeOpt, storage: Optional[str] = StorageOpt) -> None:
     """Every method on the same labels, student, transfer set and seeds: top-1 mean +- std, gain over

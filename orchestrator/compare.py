@@ -47,6 +47,19 @@ def method_config(cfg: PipelineConfig, method: str, seed: int) -> PipelineConfig
                                           "baseline": {**cfg.baseline.model_dump(mode="json"), "enabled": False}})
 
 
+def default_methods(cfg: PipelineConfig) -> list[str]:
+    """Every registered method that ``cfg`` can run, in :data:`ORDER`: the source-zoo methods (paper 2) only
+    when ``sources.zoo`` or ``sources.demo`` is set (logged when left out)."""
+    from orchestrator.methods import METHODS
+
+    names = [m for m in ORDER if m in METHODS] + [m for m in METHODS.names() if m not in ORDER]
+    skipped = [m for m in names if not METHODS.get(m).applicable(cfg)]
+    if skipped:
+        log.info("compare: leaving out %s (no source zoo: set sources.zoo or sources.demo: true to include them)",
+                 ", ".join(skipped))
+    return [m for m in names if m not in skipped]
+
+
 def summarise(rows: list[dict]) -> list[dict]:
     """Per method: ``top1_mean``/``top1_std`` (population std over seeds), ``gain_points`` over
     ``supervised`` (mean difference, points; NaN without it), ``student_mflops``, mean transfer TFLOPs and
@@ -107,7 +120,7 @@ def write_csv(rows: list[dict], path: Path) -> Path:
 
 def compare(task: str | Path, methods: list[str] | None = None, seeds: list[int] | None = None,
             overrides: list[str] | None = None, smoke: bool = False) -> CompareResult:
-    """Run every method in ``methods`` (default: all registered, ``supervised`` always included) for every
+    """Run every method in ``methods`` (default: :func:`default_methods`; ``supervised`` always included) for every
     seed in ``seeds`` (default 0, 1, 2) on the task; see the module doc.
 
     Raises:
@@ -123,7 +136,7 @@ def compare(task: str | Path, methods: list[str] | None = None, seeds: list[int]
     from orchestrator.tracking import flatten
 
     base = load_config(task, overrides, smoke)
-    names = list(methods or [m for m in ORDER if m in METHODS] + [m for m in METHODS.names() if m not in ORDER])
+    names = list(methods or default_methods(base))
     names += [] if "supervised" in names else ["supervised"]
     seeds = list(seeds if seeds is not None else [0, 1, 2])
     cfgs = {(m, s): method_config(base, METHODS.get(m).name, s) for m in names for s in seeds}

@@ -38,10 +38,71 @@ def tiny_teacher_ckpt(tmp_path_factory, fmnist):
     return save_model_checkpoint(t, tmp_path_factory.mktemp("teacher") / "teacher.pt", fmnist.classes)
 
 
-def run_kt(*args: str, env: dict | None = None, timeout: int = 600):
-    """Run the `kt` CLI in a subprocess; returns CompletedProcess (text)."""
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One local Ray cluster for the test session (RAY_NOTES: start Ray once per session): `ray start --head
+    --block` on 127.0.0.1 with 2 CPUs, 2 GiB of object store and the Jobs API on a free port. While it runs,
+    ``$RAY_ADDRESS`` points at it, so `kt` subprocesses (:func:`run_kt`) and in-process stages join it instead
+    of starting a Ray of their own. Yields the Jobs API address (http://127.0.0.1:PORT). Stops exactly this
+    cluster: SIGTERM to its own process group (`ray start --block` then stops what it started)."""
+    import signal
+    import subprocess
+    import time
+
+    from orchestrator.ray_adapters.jobs import client
+
+    gcs, dash = _free_port(), _free_port()
+    from orchestrator.ray_adapters.session import HEALTH_CHECK_INTERVAL_S
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": HEALTH_CHECK_INTERVAL_S}  # as a Ray started by `kt` has it
+    env.pop("RAY_ADDRESS", None)
+    log = open(tmp_path_factory.mktemp("ray") / "ray_start.log", "w")
+    p = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", "2",
+                          "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
+                          "--dashboard-port", str(dash), "--object-store-memory", str(2 * 1024**3),
+                          "--disable-usage-stats"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                         start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert p.poll() is None, open(log.name).read()[-3000:]
+            try:
+                client(address).list_jobs()
+                break
+            except Exception:
+                if time.time() > deadline:
+                    raise
+                time.sleep(1)
+        os.environ["RAY_ADDRESS"] = f"127.0.0.1:{gcs}"
+        yield address
+    finally:
+        os.environ.pop("RAY_ADDRESS", None)
+        os.killpg(p.pid, signal.SIGTERM)
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def run_kt(*args: str, env: dict | None = None, timeout: int = 600, own_ray: bool = False):
+    """Run the `kt` CLI in a subprocess; returns CompletedProcess (text). It joins the session's
+    :func:`ray_cluster` when one is up, unless ``own_ray`` (then it starts a local Ray of its own, as a user's
+    `kt run` does)."""
     import subprocess
 
     e = {**os.environ, **(env or {})}
+    if own_ray:
+        e.pop("RAY_ADDRESS", None)
     return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=ROOT, env=e,
                           capture_output=True, text=True, timeout=timeout)

@@ -30,6 +30,8 @@ class Method:
         role: the final student's row label. uses_teacher: needs the adapted teacher (a sweep prepares it).
         transfer_stages: the recorded stages whose compute counts as *transfer compute* (what the method spends
             beyond training a student on the labels, as paper 1 accounts pretraining compute).
+        needs_sources: distils from a source zoo (``sources.zoo`` or ``sources.demo``); ``kt compare`` leaves
+            such methods out of its default list when the task configures no zoo.
     """
 
     name: str
@@ -39,6 +41,11 @@ class Method:
     role: str
     uses_teacher: bool
     transfer_stages: tuple[str, ...]
+    needs_sources: bool = False
+
+    def applicable(self, cfg) -> bool:
+        """Whether ``cfg`` (a PipelineConfig) supplies what this method needs (a source zoo, if it needs one)."""
+        return not self.needs_sources or bool(cfg.sources.demo or cfg.sources.zoo)
 
 
 METHODS: Registry[Method] = Registry("method")

@@ -131,7 +131,7 @@ def train_from_sources(ctx, method: str) -> MethodResult:
 def _method(name: str, summary: str, role: str) -> Method:
     return register(Method(name, lambda ctx: train_from_sources(ctx, name), summary,
                            "Borup, Phoo, Hariharan, ICCV 2023 (arXiv 2304.12314)", role, False,
-                           ("source_inference", "distill")))
+                           ("source_inference", "distill"), needs_sources=True))
 
 
 NEAREST = _method("distill_nearest", "distil the most similar zoo source (features + pseudo-labels)",

@@ -46,8 +46,12 @@ def client(address: str | None = None):
     the token, with what to do."""
     from ray.job_submission import JobSubmissionClient
 
+    explicit = address is not None
     address = address or default_address()
     _auth_env()
+    # Ray lets $RAY_API_SERVER_ADDRESS / $RAY_ADDRESS override the address passed in: an explicit --address
+    # would then silently reach another cluster (the one a shell or a Ray Job exported). Explicit wins here.
+    hidden = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if explicit and k in os.environ}
     try:
         return JobSubmissionClient(address)
     except ConnectionError as e:
@@ -60,6 +64,8 @@ def client(address: str | None = None):
                             "~/.ray/auth_token to this machine (or set RAY_AUTH_TOKEN) and keep "
                             "RAY_AUTH_MODE=token") from None
         raise
+    finally:
+        os.environ.update(hidden)
 
 
 def working_dir_size(root: Path, excludes: list[str]) -> int:

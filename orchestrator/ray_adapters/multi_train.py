@@ -11,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from orchestrator.ray_adapters.session import quiet_train_worker, say
 from orchestrator.ray_adapters.train import resolve_ref  # the same cache references
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def _train_fn(config: dict) -> None:
     from orchestrator.stages.distill import load_state, save_state
     from orchestrator.stages.multi_distill import MultiSourceStudent, make_optimizer, multi_distill_epoch, new_log
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    quiet_train_worker()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads_per_worker"])
@@ -68,8 +69,7 @@ def _train_fn(config: dict) -> None:
         tlog["loss"].append(loss)
         tlog["seconds"].append(seconds)
         if rank == 0:
-            print(f"[kt] multi-source distill epoch {epoch + 1}/{cfg.distill.epochs}: loss {loss:.4f} "
-                  f"({seconds:.0f} s)", flush=True)
+            say(f"[kt] multi-source distill epoch {epoch + 1}/{cfg.distill.epochs}: loss {loss:.4f} ({seconds:.0f} s)")
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
@@ -98,13 +98,13 @@ def multi_distill_ray(sources: list[dict], labeled: dict | None, student: str, m
     """
     import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
-    from orchestrator.ray_adapters.session import ensure_ray
+    from orchestrator.ray_adapters.session import ensure_ray, torch_trainer
 
     ensure_ray()
     d = sources_cfg["distill"]
-    trainer = TorchTrainer(
+    trainer = torch_trainer(
         _train_fn,
         train_loop_config=dict(sources=sources, labeled=labeled, student=student, model_kwargs=model_kwargs,
                                num_classes=num_classes, preprocess=preprocess, sources_cfg=sources_cfg, seed=seed,

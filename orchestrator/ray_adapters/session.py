@@ -19,6 +19,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_INTERVAL_S)
     root = logging.getLogger()
     level, handlers = root.level, list(root.handlers)
     if os.environ.get("RAY_ADDRESS"):
@@ -33,5 +34,54 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         logging.getLogger("ray").setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
+    if not ctx.enable_progress_bars:  # off on purpose in a log file: no "Progress bars disabled" warning
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     ctx.print_on_execution_start = False
     log.info("ray resources: %s", ray.cluster_resources())
+
+
+def quiet_train_worker() -> None:
+    """Called first in a Ray Train worker: hides Train's per-report INFO lines (``Reporting training result
+    N: TrainingReport(...)``, logged under the file path of ``ray.train.v2._internal.execution.context``;
+    checkpoint-persisted lines under ``ray.train``), and DDP's "Grad strides do not match bucket view strides"
+    (1x1 convolutions whose weight gradients come back in another memory layout), which a user cannot act on."""
+    import warnings
+
+    from ray.train.v2._internal.execution import context
+
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+
+    for name in ("ray.train", context.__file__):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def say(message: str) -> None:
+    """One progress line from a Ray Train worker, printed once on the driver. (Train V2 patches ``print`` to
+    both print and log through the root logger, so a plain ``print`` shows up twice.)"""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
+
+#: Ray Train's controller polls its workers this often (seconds; Ray's default is 2.0): a finished epoch or
+#: run is seen sooner. Set for the Ray this process starts; a cluster's own env decides on a cluster.
+HEALTH_CHECK_INTERVAL_S = "0.5"
+
+
+def torch_trainer(train_fn, **kwargs):
+    """A ``ray.train.torch.TorchTrainer(train_fn, **kwargs)`` without Ray Train's PlacementGroupCleaner.
+
+    The cleaner is a detached actor that frees the placement group should the controller die while its driver
+    lives. Stopping it at the end of every ``fit()`` waits for a State API query that, on a 2-core machine,
+    does not answer in time: every run then paid 12 s (a trivial 2-worker ``fit()``: 36 s with it, 22-24 s
+    without; ``benchmarks/train_overhead.py``) and printed a traceback. Here the driver owns the controller, and
+    Ray releases a job's placement groups when the job ends.
+    """
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    class _Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks()
+                    if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    return _Trainer(train_fn, **kwargs)

@@ -12,6 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from orchestrator.ray_adapters.session import quiet_train_worker, say
+
 log = logging.getLogger(__name__)
 
 
@@ -29,7 +31,7 @@ def _train_fn(config: dict) -> None:
     from orchestrator.stages.evaluate import evaluate
     from orchestrator.stages.schedule import distill_plan
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines (checkpoint persisted, ...)
+    quiet_train_worker()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads_per_worker"])
@@ -59,14 +61,14 @@ def _train_fn(config: dict) -> None:
         with ck.as_directory() as cd:
             start, log = load_state(Path(cd) / "state.pt", model, opt, sched)
         if rank == 0:
-            print(f"[kt] resumed distillation from its checkpoint at epoch {start}/{plan.epochs}", flush=True)
+            say(f"[kt] resumed distillation from its checkpoint at epoch {start}/{plan.epochs}")
     log["starts"].append(start)
     ddp = ray.train.torch.prepare_model(model) if world > 1 else model
     fault = config.get("fault_after_epoch", -1)  # test-only fault injection: the worker processes die once
     where = Path(config["data"]) if isinstance(config["data"], str) else Path(tempfile.gettempdir())
     marker = where / f".fault-injected-{ctx.get_experiment_name()}"
     if rank == 0 and start == 0:
-        print(f"[kt] distillation: {plan.describe()}", flush=True)
+        say(f"[kt] distillation: {plan.describe()}")
     for epoch in range(start, plan.epochs):
         t0 = time.perf_counter()
         loss = distill_epoch(ddp, opt, sched, data, pre, cfg, epoch, config["seed"], rank, world, device, augment)
@@ -82,7 +84,7 @@ def _train_fn(config: dict) -> None:
             log.setdefault("val_top1", []).append(metrics["val_top1"])
         if rank == 0:
             shown = f", val top-1 {metrics['val_top1']:.4f}" if val is not None else ""
-            print(f"[kt] distill epoch {epoch + 1}/{plan.epochs}: loss {loss:.4f}{shown} ({seconds:.0f} s)", flush=True)
+            say(f"[kt] distill epoch {epoch + 1}/{plan.epochs}: loss {loss:.4f}{shown} ({seconds:.0f} s)")
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
@@ -159,12 +161,12 @@ def distill_ray(data, student: str, model_kwargs: dict, num_classes: int, prepro
     """
     import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
-    from orchestrator.ray_adapters.session import ensure_ray
+    from orchestrator.ray_adapters.session import ensure_ray, torch_trainer
 
     ensure_ray()
-    trainer = TorchTrainer(
+    trainer = torch_trainer(
         _train_fn,
         train_loop_config=dict(data=data if isinstance(data, dict) else str(data), student=student,
                                model_kwargs=model_kwargs,

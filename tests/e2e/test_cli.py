@@ -28,12 +28,12 @@ def children(runs, parent):
 
 
 @pytest.fixture(scope="module")
-def smoke_storage(tmp_path_factory):
-    return tmp_path_factory.mktemp("kt_smoke")
+def smoke_storage(smoke_run):
+    return smoke_run[0]
 
 
-def test_smoke_run_every_stage_tracked(smoke_storage):
-    r = run_kt("run", str(TASK), "--smoke", "--storage", str(smoke_storage))
+def test_smoke_run_every_stage_tracked(smoke_run):
+    smoke_storage, r = smoke_run
     assert r.returncode == 0, r.stderr[-4000:]
     assert "student (supervised-only)" in r.stdout and "student (distilled + finetuned)" in r.stdout
     assert f"mlflow ui --backend-store-uri sqlite:///{smoke_storage}/mlflow.db" in r.stdout
@@ -81,11 +81,12 @@ def test_storage_uri_is_shared_by_two_nodes(tmp_path):
     uri = remote.as_uri()
     args = ["run", str(TASK), "--smoke", "--storage", uri, "--set", "baseline.enabled=false",
             "--set", "distill.epochs=1", "--set", "teacher.id=standin/simclr", "--set", "teacher.model_kwargs={}"]
-    first = run_kt(*args, env={"KT_MIRROR": str(tmp_path / "node_a")})
+    # a Ray of its own: the Ray Train workers must see this process's KT_MIRROR (the "node" they run on)
+    first = run_kt(*args, env={"KT_MIRROR": str(tmp_path / "node_a")}, own_ray=True)
     assert first.returncode == 0, first.stderr[-4000:]
     assert list((remote / "cache" / "teacher_outputs").glob("*/_COMPLETE"))
     assert list((remote / "ray_results").glob("distill-*/checkpoint_*"))
-    second = run_kt(*args, env={"KT_MIRROR": str(tmp_path / "node_b")})
+    second = run_kt(*args, env={"KT_MIRROR": str(tmp_path / "node_b")}, own_ray=True)
     assert second.returncode == 0, second.stderr[-4000:]
     assert "teacher inference skipped" in second.stderr
     _, parents, runs = mlflow_runs(tmp_path / "node_b")  # node B's own MLflow store, in its mirror
@@ -127,8 +128,9 @@ def test_retrieval_run_beside_its_random_control(smoke_storage, fmnist, tmp_path
 def test_killed_run_resumes_distillation(tmp_path):
     """SIGKILL `kt run` (and the local Ray it started) mid-distillation; the re-run resumes from the checkpoint."""
     args = [sys.executable, "-m", "orchestrator.cli", "run", str(TASK), "--smoke", "--storage", str(tmp_path),
-            "--set", "distill.epochs=30", "--set", "baseline.enabled=false"]
-    p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            "--set", "distill.epochs=12", "--set", "baseline.enabled=false"]
+    own_ray = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, killed with it
+    p = subprocess.Popen(args, cwd=ROOT, env=own_ray, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True)
     try:
         deadline = time.time() + 300
@@ -139,14 +141,14 @@ def test_killed_run_resumes_distillation(tmp_path):
     finally:
         os.killpg(p.pid, signal.SIGKILL)  # the driver and the Ray processes it started, nothing else
         p.wait()
-    r = run_kt("run", str(TASK), "--smoke", "--storage", str(tmp_path), "--set", "distill.epochs=30",
+    r = run_kt("run", str(TASK), "--smoke", "--storage", str(tmp_path), "--set", "distill.epochs=12",
                "--set", "baseline.enabled=false")
     assert r.returncode == 0, r.stderr[-4000:]
     out = r.stdout + r.stderr
     assert "resumed distillation from its checkpoint at epoch" in out
     _, parents, runs = mlflow_runs(tmp_path)
     distill = children(runs, parents[-1])["distill"].data.metrics
-    assert distill["restarts"] >= 1 and distill["resumed_at_epoch"] >= 1 and distill["epochs"] == 30
+    assert distill["restarts"] >= 1 and distill["resumed_at_epoch"] >= 1 and distill["epochs"] == 12
 
 
 @pytest.mark.parametrize("args,message", [

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import TASK, run_kt
+from tests.conftest import run_kt
 
 pytestmark = pytest.mark.e2e
 
@@ -61,16 +61,15 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=30)
 
 
-def test_run_student_exported_registered_predicted_and_served(tmp_path, fmnist):
+def test_run_student_exported_registered_predicted_and_served(smoke_run, tmp_path, fmnist):
     import mlflow
     from PIL import Image
 
     from orchestrator.models.export import load_student
 
-    storage = tmp_path / "kt"
-    r = run_kt("run", str(TASK), "--smoke", "--storage", str(storage))
+    storage, r = smoke_run  # the session's `kt run --smoke` (tests/e2e/conftest.py): its first run directory
     assert r.returncode == 0, r.stderr[-4000:]
-    [run_dir] = list((storage / "runs").iterdir())
+    run_dir = sorted((storage / "runs").glob("fashion_mnist_smoke-*"))[0]
     res = json.loads((run_dir / "result.json").read_text())
     uri = res["tracking_uri"]
     assert {"student.pt", "student.onnx"} <= {p.name for p in (run_dir / "student").iterdir()}

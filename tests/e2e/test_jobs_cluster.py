@@ -1,13 +1,7 @@
 """`kt submit` / `orchestrator.submit` against a real local Ray cluster (`ray start --head --block` on
 127.0.0.1 with the Jobs API, token auth on): a smoke sweep submitted both ways runs to SUCCEEDED and leaves its
 MLflow runs; a failing job shows its log tail and exits non-zero; an unreachable cluster is a clear error.
-The test stops exactly the cluster it started (it terminates its own `ray start --block` child)."""
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
+The cluster is the session's (tests.conftest.ray_cluster), which stops exactly the cluster it started."""
 from pathlib import Path
 
 import mlflow
@@ -15,8 +9,7 @@ import pytest
 import yaml
 
 import orchestrator
-from orchestrator.ray_adapters.jobs import client
-from tests.conftest import ROOT, TASK, run_kt
+from tests.conftest import ROOT, TASK, _free_port as free_port, run_kt
 
 pytestmark = pytest.mark.e2e
 
@@ -28,43 +21,11 @@ SPACE = {"name": "jobs", "search": {"num_trials": 2, "max_concurrent_trials": 2,
          "space": {"distill.temperature": {"loguniform": [1.0, 8.0]}}}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """A real single-node cluster: head on 127.0.0.1, dashboard + Jobs API on a free port, 2 CPUs."""
-    dash = free_port()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
-    env.pop("RAY_ADDRESS", None)
-    log = open(tmp_path_factory.mktemp("ray") / "ray_start.log", "w")
-    p = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", "2",
-                          "--node-ip-address", "127.0.0.1", "--port", str(free_port()), "--dashboard-host", "127.0.0.1",
-                          "--dashboard-port", str(dash), "--disable-usage-stats"],
-                         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            assert p.poll() is None, open(log.name).read()[-3000:]
-            try:
-                client(address).list_jobs()
-                break
-            except Exception:
-                if time.time() > deadline:
-                    raise
-                time.sleep(1)
-        yield address
-    finally:
-        os.killpg(p.pid, signal.SIGTERM)  # `ray start --block` stops its own cluster on SIGTERM
-        try:
-            p.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+@pytest.fixture
+def cluster(ray_cluster):
+    """The session's real single-node cluster (tests.conftest.ray_cluster): head on 127.0.0.1, the Jobs API on
+    a free port, 2 CPUs, token auth on."""
+    return ray_cluster
 
 
 def mlflow_sweep_runs(storage: Path, name: str):
@@ -86,12 +47,16 @@ def test_sweep_submitted_with_cli_and_python_api_succeeds(cluster, tmp_path):
     parent, kids = mlflow_sweep_runs(storage, "via-cli")
     assert parent.info.status == "FINISHED" and len(kids) == 2
 
-    job = orchestrator.submit(["sweep", str(tmp_path / "space.yaml"), "--task", str(TASK), "--smoke",
-                               "--storage", str(storage), "--name", "via-api"], address=cluster, working_dir=ROOT)
-    assert job.wait(timeout=900) == "SUCCEEDED", job.logs(tail=40)
-    assert "Pareto front" in job.logs()
-    parent, kids = mlflow_sweep_runs(storage, "via-api")
-    assert len(kids) == 2 and {k.info.status for k in kids} == {"FINISHED"}
+    # the Python API: a cheaper job (the supervised-only method: no teacher, no Ray Train), same storage
+    job = orchestrator.submit(["run", str(TASK), "--smoke", "--set", "method=supervised", "--storage", str(storage)],
+                              address=cluster, working_dir=ROOT)
+    assert job.wait(timeout=600) == "SUCCEEDED", job.logs(tail=40)
+    assert "student (supervised-only)" in job.logs()
+    client = mlflow.MlflowClient(f"sqlite:///{storage}/mlflow.db")
+    exp = client.get_experiment_by_name("fashion_mnist_smoke")
+    [api_run] = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("method") == "supervised"
+                 and "mlflow.parentRunId" not in r.data.tags]
+    assert api_run.info.status == "FINISHED" and 0 < api_run.data.metrics["student_top1"] <= 1
     listed = run_kt("jobs", "--address", cluster, timeout=120)
     assert listed.returncode == 0 and job.job_id in listed.stdout and "SUCCEEDED" in listed.stdout
     st = run_kt("status", job.job_id, "--address", cluster, timeout=120)

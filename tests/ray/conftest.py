@@ -2,12 +2,13 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    """A module-scoped local Ray with 2 CPUs, shut down after the module (stops exactly this instance)."""
+def local_ray(ray_cluster):
+    """This process joined to the session's local Ray (2 CPUs; tests.conftest.ray_cluster) for one module; the
+    module's end disconnects it (the cluster itself stops at the end of the session)."""
     import ray
 
     from orchestrator.ray_adapters.session import ensure_ray
 
-    ensure_ray(num_cpus=2)
+    ensure_ray()
     yield ray
     ray.shutdown()

@@ -115,8 +115,10 @@ def test_killed_embedding_job_resumes_without_redoing_finished_shards(local_ray,
     images = np.concatenate([fmnist.train.images] * 6)  # 6 shards of 1,000 real images
     root = write_webdataset(tmp_path / "pool", images, [f"k{i}" for i in range(len(images))], 1000)
     out = tmp_path / "emb"
+    own_ray = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local Ray of its own, killed with it
     p = subprocess.Popen([sys.executable, "-c", KILLED_JOB, str(root), str(tiny_teacher_ckpt), str(out)],
-                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                         cwd=ROOT, env=own_ray, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
     try:
         deadline = time.time() + 240
         while not list(out.glob("*.json")) and time.time() < deadline and p.poll() is None:

@@ -65,3 +65,13 @@ def test_a_teacher_free_sweep_prepares_no_teacher_and_its_trial_trains_the_metho
     assert reports == [final] and final["kt_tags"]["method"] == "supervised"
     assert 0.0 <= final["val_top1"] <= 1.0 and final["teacher_forward_passes"] == 0 and final["images_seen"] > 0
     assert (tmp_path / "trials" / "t0" / "student.pt").is_file()
+
+
+def test_compare_leaves_out_the_zoo_methods_unless_the_task_has_a_zoo():
+    from orchestrator.compare import default_methods
+
+    plain = default_methods(load_config(TASK, smoke=True))
+    assert plain[:3] == ["task_oriented", "task_agnostic", "ssl_pretrain"] and "fixmatch" in plain
+    assert not {"distill_weighted", "distill_nearest", "random_source", "uniform_weights"} & set(plain)
+    with_zoo = default_methods(load_config(TASK, ["sources.demo=true"], smoke=True))
+    assert {"distill_weighted", "distill_nearest", "random_source", "uniform_weights"} <= set(with_zoo)
