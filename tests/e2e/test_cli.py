@@ -71,6 +71,8 @@ def test_second_run_hits_teacher_output_cache(smoke_storage):
     assert kids["teacher_inference"].data.metrics["teacher_forward_passes"] == 0
     assert kids["adapt_teacher"].data.metrics["cache_hit"] == 1.0
     assert parents[-1].data.metrics["cache_hits_teacher_outputs"] == 1.0
+    # the adapted teacher's test evaluation is read from its cache entry, not recomputed
+    assert parents[-1].data.metrics["teacher_top1"] == parents[0].data.metrics["teacher_top1"]
 
 
 def test_storage_uri_is_shared_by_two_nodes(tmp_path):
