@@ -43,6 +43,19 @@ def write_atomic(path: Path, data: bytes | str) -> Path:
     return path
 
 
+def write_rows_csv(rows: list[dict], path: Path) -> Path:
+    """``rows`` (dicts with the keys of the first) as a CSV with a header line, written atomically
+    (:func:`write_atomic`)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return write_atomic(path, buf.getvalue())
+
+
 class Cache:
     """Stage-artifact cache on a local path or a storage URI.
 

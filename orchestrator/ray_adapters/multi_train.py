@@ -7,11 +7,10 @@ Rank 0 checkpoints every epoch; re-running with the same ``name`` and ``storage_
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from pathlib import Path
 
-from orchestrator.ray_adapters.session import quiet_train_worker, say
+from orchestrator.ray_adapters.session import fit_state, quiet_train_worker, report_epoch, say
 from orchestrator.ray_adapters.train import resolve_ref  # the same cache references
 
 log = logging.getLogger(__name__)
@@ -35,7 +34,6 @@ def load_data(config: dict):
 def _train_fn(config: dict) -> None:
     import ray.train
     import torch
-    from ray.train import Checkpoint
 
     from orchestrator.config import SourceTransferConfig
     from orchestrator.models.preprocess import Preprocess
@@ -70,12 +68,8 @@ def _train_fn(config: dict) -> None:
         tlog["seconds"].append(seconds)
         if rank == 0:
             say(f"[kt] multi-source distill epoch {epoch + 1}/{cfg.distill.epochs}: loss {loss:.4f} ({seconds:.0f} s)")
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                save_state(Path(tmp) / "state.pt", model, opt, sched, epoch, tlog)
-                ckpt = Checkpoint.from_directory(tmp)
-            ray.train.report({"epoch": epoch + 1, "loss": loss, "epoch_seconds": seconds}, checkpoint=ckpt)
+        report_epoch({"epoch": epoch + 1, "loss": loss, "epoch_seconds": seconds}, rank,
+                     lambda d: save_state(d / "state.pt", model, opt, sched, epoch, tlog))
 
 
 def multi_distill_ray(sources: list[dict], labeled: dict | None, student: str, model_kwargs: dict,
@@ -96,7 +90,6 @@ def multi_distill_ray(sources: list[dict], labeled: dict | None, student: str, m
     Raises:
         ray.train.TrainingFailedError after the worker retries run out.
     """
-    import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
@@ -116,7 +109,4 @@ def multi_distill_ray(sources: list[dict], labeled: dict | None, student: str, m
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=1)),
     )
-    result = trainer.fit()
-    with result.checkpoint.as_directory() as cd:
-        state = torch.load(Path(cd) / "state.pt", map_location="cpu", weights_only=False)
-    return state["model"], state["log"]
+    return fit_state(trainer)

@@ -85,3 +85,32 @@ def torch_trainer(train_fn, **kwargs):
                     if not isinstance(c, PlacementGroupCleanerCallback)]
 
     return _Trainer(train_fn, **kwargs)
+
+
+def report_epoch(metrics: dict, rank: int, save) -> None:
+    """In a Ray Train worker: ``ray.train.report(metrics)``, with a checkpoint from rank 0 only, written by
+    ``save(directory)`` into a temporary directory that Ray persists."""
+    import tempfile
+    from pathlib import Path
+
+    import ray.train
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if rank == 0:
+            save(Path(tmp))
+            ckpt = Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def fit_state(trainer) -> tuple[dict, dict]:
+    """``trainer.fit()``, then the ``state.pt`` of its last checkpoint: (model state_dict, training log)."""
+    from pathlib import Path
+
+    import torch
+
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as cd:
+        state = torch.load(Path(cd) / "state.pt", map_location="cpu", weights_only=False)
+    return state["model"], state["log"]

@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from orchestrator.ray_adapters.session import quiet_train_worker, say
+from orchestrator.ray_adapters.session import fit_state, quiet_train_worker, report_epoch, say
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,6 @@ def _train_fn(config: dict) -> None:
     import numpy as np
     import ray.train
     import torch
-    from ray.train import Checkpoint
 
     from orchestrator.config import AugmentPolicy, DistillConfig
     from orchestrator.models.preprocess import Preprocess
@@ -85,12 +84,8 @@ def _train_fn(config: dict) -> None:
         if rank == 0:
             shown = f", val top-1 {metrics['val_top1']:.4f}" if val is not None else ""
             say(f"[kt] distill epoch {epoch + 1}/{plan.epochs}: loss {loss:.4f}{shown} ({seconds:.0f} s)")
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                save_state(Path(tmp) / "state.pt", model, opt, sched, epoch, log)
-                ckpt = Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
+        report_epoch(metrics, rank,
+                     lambda d: save_state(d / "state.pt", model, opt, sched, epoch, log))
         if epoch == fault and not marker.exists():
             time.sleep(2)  # let the controller register the checkpoint just reported
             if rank == 0:
@@ -159,7 +154,6 @@ def distill_ray(data, student: str, model_kwargs: dict, num_classes: int, prepro
     Raises:
         ray.train.TrainingFailedError after the worker retries run out.
     """
-    import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
@@ -181,7 +175,4 @@ def distill_ray(data, student: str, model_kwargs: dict, num_classes: int, prepro
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=1), callbacks=callbacks or []),
     )
-    result = trainer.fit()
-    with result.checkpoint.as_directory() as cd:
-        state = torch.load(Path(cd) / "state.pt", map_location="cpu", weights_only=False)
-    return state["model"], state["log"]
+    return fit_state(trainer)

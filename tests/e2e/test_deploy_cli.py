@@ -4,7 +4,6 @@ real Fashion-MNIST images with the same classes. The server is stopped through i
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,20 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import run_kt
+from tests.conftest import free_port, run_kt
 
 pytestmark = pytest.mark.e2e
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve(model_uri: str, tracking_uri: str, log_file: Path) -> tuple[subprocess.Popen, str]:
     """`mlflow models serve` on 127.0.0.1 in a new session (its own process group); waits for /ping."""
-    port = _free_port()
+    port = free_port()
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     log = open(log_file, "w")
     proc = subprocess.Popen([str(mlflow_bin), "models", "serve", "-m", model_uri, "--env-manager", "local",

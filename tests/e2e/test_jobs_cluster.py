@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 import orchestrator
-from tests.conftest import ROOT, TASK, _free_port as free_port, run_kt
+from tests.conftest import ROOT, TASK, free_port, run_kt
 
 pytestmark = pytest.mark.e2e
 
