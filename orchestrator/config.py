@@ -116,6 +116,12 @@ class TeacherConfig(Strict):
                              "so every seed of every method shares one adapted teacher")
     inference_batch_size: int = Field(512, gt=0)
     inference_actors: int = Field(2, gt=0, description="Ray Data actors, each holding the teacher once")
+    inference: Literal["auto", "ray_data", "in_process"] = Field(
+        "auto", description="how a frozen model (the teacher, a source model) runs over a transfer set: an actor "
+        "pool of Ray Data, or in the driver's process; auto: in the driver when the pass is at most "
+        "inference_in_process_max_tflops (an actor pool's start-up, ~13 s on 2 CPU cores, then exceeds the work)")
+    inference_in_process_max_tflops: float = Field(
+        0.1, ge=0, description="auto: largest pass (images x forward FLOPs, in 1e12 FLOPs) run in the driver")
     inference_gpus: float | None = Field(
         None, ge=0, description="GPUs per teacher-inference / pool-embedding actor [1 if the driver sees a GPU, "
         "else 0]; set 1 on a cluster whose head has no GPU (cluster.yaml) so the actors go to GPU workers")

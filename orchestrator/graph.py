@@ -45,7 +45,8 @@ def _teacher_seed(cfg: PipelineConfig) -> dict:
     return {"seed": cfg.seed if cfg.teacher.seed is None else cfg.teacher.seed}
 
 
-_INFERENCE = ("teacher.inference_batch_size", "teacher.inference_actors", "teacher.inference_gpus", "teacher.seed")
+_INFERENCE = ("teacher.inference_batch_size", "teacher.inference_actors", "teacher.inference_gpus", "teacher.seed",
+              "teacher.inference", "teacher.inference_in_process_max_tflops")  # how it runs, not what it computes
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("data", ("data", "labels")),
     Stage("teacher", ("teacher.id", "teacher.model_kwargs")),

@@ -265,7 +265,7 @@ def curated_manifest(ctx, rcfg: RetrievalConfig, emb: Embedder, entry: Path, n: 
 
         log.info("manifest cache hit (%s)", key)
         m = load_manifest(hit / "manifest.parquet")
-        m.stats = {**json.loads((hit / "_meta.json").read_text())["stats"], "cache_hit": 1}
+        m.stats = {**json.loads((hit / "_meta.json").read_text())["stats"], "manifest_cache_hit": 1}
         return m, hit / "manifest.parquet"
     share = per_query_share(len(labeled), rcfg.k, rcfg.budget)
     q = embed_images(load_embedder(emb.id, emb.model_kwargs), labeled.images)  # (Q, D) float32
@@ -285,6 +285,7 @@ def curated_manifest(ctx, rcfg: RetrievalConfig, emb: Embedder, entry: Path, n: 
                  len(m), share.sum(), " and balancing" if rcfg.balance else "", min(max_depth, 2 * depth), depth)
         depth = min(max_depth, 2 * depth)
     m.stats["search_depth"] = depth
+    m.stats["manifest_cache_hit"] = 0
     log.info("curated %d images from %d candidates (dropped: %d exact, %d near duplicates, %d for balance)",
              len(m), m.stats["candidates"], m.stats["exact_duplicates"], m.stats["near_duplicates"],
              m.stats["class_balance"])

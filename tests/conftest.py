@@ -52,7 +52,8 @@ def ray_cluster(tmp_path_factory):
     --block` on 127.0.0.1 with 2 CPUs, 2 GiB of object store and the Jobs API on a free port. While it runs,
     ``$RAY_ADDRESS`` points at it, so `kt` subprocesses (:func:`run_kt`) and in-process stages join it instead
     of starting a Ray of their own. Yields the Jobs API address (http://127.0.0.1:PORT). Stops exactly this
-    cluster: SIGTERM to its own process group (`ray start --block` then stops what it started)."""
+    cluster: SIGTERM to `ray start --block` (which then stops what it started), then SIGKILL to what is left
+    of its own process group."""
     import signal
     import subprocess
     import time
@@ -65,8 +66,11 @@ def ray_cluster(tmp_path_factory):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": HEALTH_CHECK_INTERVAL_S}  # as a Ray started by `kt` has it
     env.pop("RAY_ADDRESS", None)
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    # token auth (RAY_NOTES 3): `ray start` does not create a missing ~/.ray/auth_token, ray.init() does
+    subprocess.run([ray_cli, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     log = open(tmp_path_factory.mktemp("ray") / "ray_start.log", "w")
-    p = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", "2",
+    p = subprocess.Popen([ray_cli, "start", "--head", "--block", "--num-cpus", "2",
                           "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
                           "--dashboard-port", str(dash), "--object-store-memory", str(2 * 1024**3),
                           "--disable-usage-stats"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -87,12 +91,17 @@ def ray_cluster(tmp_path_factory):
         yield address
     finally:
         os.environ.pop("RAY_ADDRESS", None)
-        os.killpg(p.pid, signal.SIGTERM)
-        try:
-            p.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)  # `ray start` drains the node and stops its processes (~2 s when idle;
+            try:  # a drain waits for what still runs, up to 30 s)...
+                p.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                pass
+        try:  # ...then whatever of its own process group is still there (a SIGTERM to the whole group at once
+            os.killpg(p.pid, signal.SIGKILL)  # stops the GCS first, and the drain then waits 30 s for it)
+        except ProcessLookupError:
+            pass
+        p.wait()
 
 
 def run_kt(*args: str, env: dict | None = None, timeout: int = 600, own_ray: bool = False):

@@ -184,27 +184,53 @@ def transfer_slot(ctx: Ctx) -> str:
                         "mode": ctx.cfg.distill.teacher_outputs, "adapted": ctx.keys.get("adapted_teacher")})
 
 
-def stage_teacher_outputs(ctx: Ctx, ts, record_as: str = "teacher_inference") -> Path:
-    """The adapted teacher's logits and features on a transfer set (cached; Ray Data); online distillation
-    stores only the images (the teacher then runs in every training step). Returns the entry dir."""
+def inference_actors(ctx: Ctx, images: int, flops_per_image: float, actors: int) -> int:
+    """How many Ray Data actors run a frozen model over ``images`` images: ``actors``, or 0 (in this process)
+    when ``teacher.inference`` is ``in_process``, or ``auto`` and the pass (``images`` x ``flops_per_image``
+    FLOPs) is at most ``teacher.inference_in_process_max_tflops`` x 1e12."""
+    t = ctx.cfg.teacher
+    if t.inference == "auto":
+        return 0 if images * flops_per_image <= t.inference_in_process_max_tflops * 1e12 else actors
+    return 0 if t.inference == "in_process" else actors
+
+
+def frozen_model_outputs(ctx: Ctx, checkpoint: Path, images: np.ndarray, out_dir: Path, batch_size: int,
+                         actors: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """A frozen model's ((N, K) float32 logits, (N, D) float16 features) on ``images`` ((N, H, W, C) uint8),
+    with (index, logits) parquet shards under ``out_dir``: by a Ray Data actor pool of ``actors``, or in this
+    process when ``actors`` is 0 (:func:`inference_actors`). ``what`` names the pass in the log."""
+    if actors == 0:
+        from orchestrator.stages.teacher_outputs import teacher_outputs_in_process
+
+        log.info("%s over %d images, in this process (a pass too small for a Ray Data actor pool: "
+                 "teacher.inference)", what, len(images))
+        return teacher_outputs_in_process(str(checkpoint), images, out_dir, batch_size, features=True)
     from orchestrator.ray_adapters.data import teacher_inference
 
+    log.info("%s over %d images (%d Ray Data actors)", what, len(images), actors)
+    return teacher_inference(str(checkpoint), images, out_dir, batch_size, actors, ctx.actor_gpus(), features=True)
+
+
+def stage_teacher_outputs(ctx: Ctx, ts, record_as: str = "teacher_inference") -> Path:
+    """The adapted teacher's logits and features on a transfer set (cached; Ray Data, or in this process for a
+    small pass: :func:`inference_actors`); online distillation stores only the images (the teacher then runs
+    in every training step). Returns the entry dir."""
     cfg = ctx.cfg
     online = cfg.distill.teacher_outputs == "online"
+    actors = inference_actors(ctx, len(ts), ctx.teacher_flops, cfg.teacher.inference_actors)
 
     def body(tmp: Path, c: StageCompute) -> dict:
         np.save(tmp / "images.npy", ts.images)
         if online:  # the teacher's compute is counted in the distill stage
             return {"transfer_set": ts.description}
-        log.info("teacher inference over %d images (%d Ray Data actors)", len(ts), cfg.teacher.inference_actors)
-        logits, feats = teacher_inference(str(ctx.adapted), ts.images, tmp / "shards", cfg.teacher.inference_batch_size,
-                                          cfg.teacher.inference_actors, ctx.actor_gpus(), features=True)
+        logits, feats = frozen_model_outputs(ctx, ctx.adapted, ts.images, tmp / "shards",
+                                             cfg.teacher.inference_batch_size, actors, "teacher inference")
         c.images, c.flops = len(ts), ctx.teacher_flops * len(ts)
         np.save(tmp / "logits.npy", logits)
         np.save(tmp / "features.npy", feats)  # (N, D) float16: the feature loss's targets
         return {"transfer_set": ts.description}
 
-    run = run_stage(ctx, "teacher_outputs", body, record_as=record_as, devices=cfg.teacher.inference_actors,
+    run = run_stage(ctx, "teacher_outputs", body, record_as=record_as, devices=max(1, actors),
                     after=lambda r: {"teacher_forward_passes": 0 if (r.hit or online) else len(ts)})
     if run.hit:
         log.info("teacher outputs cache hit (%s): teacher inference skipped", run.key)

@@ -20,6 +20,7 @@ import numpy as np
 
 from orchestrator.config import ConfigError, PipelineConfig
 from orchestrator.graph import run_stage
+from orchestrator.methods.common import frozen_model_outputs, inference_actors
 from orchestrator.stages.compute import StageCompute
 
 log = logging.getLogger(__name__)
@@ -183,13 +184,13 @@ def _probe(feats: np.ndarray, labels: np.ndarray, c: float, num_classes: int, se
     return log_proba, float(clf.score((feats - mean) / std, labels)), (mean, std, clf)
 
 
-def _infer(ctx, ckpt: Path, images: np.ndarray, out: Path):
-    """(logits (N, K) float32, features (N, D) float16) of a source checkpoint, by Ray Data actors."""
-    from orchestrator.ray_adapters import data as ray_data
-
+def _infer(ctx, info: SourceInfo, images: np.ndarray, out: Path):
+    """(logits (N, K) float32, features (N, D) float16) of a source, by Ray Data actors (or in this process
+    for a small pass: :func:`orchestrator.methods.common.inference_actors`)."""
     s = ctx.cfg.sources
-    return ray_data.teacher_inference(str(ckpt), images, out, s.inference_batch_size, s.inference_actors,
-                                      ctx.actor_gpus(), features=True)
+    actors = inference_actors(ctx, len(images), info.flops, s.inference_actors)
+    return frozen_model_outputs(ctx, info.checkpoint, images, out, s.inference_batch_size, actors,
+                                f"source {info.name}")
 
 
 def stage_source_signals(ctx, info: SourceInfo, ts) -> Path:
@@ -204,13 +205,13 @@ def stage_source_signals(ctx, info: SourceInfo, ts) -> Path:
     def body(tmp: Path, c: StageCompute) -> dict:
         parts = [labeled.images, ts.images, test.images]
         if all(p.shape[1:] == parts[0].shape[1:] for p in parts):  # one Ray Data pass over all three
-            z, f = _infer(ctx, info.checkpoint, np.concatenate(parts), tmp / "shards")
+            z, f = _infer(ctx, info, np.concatenate(parts), tmp / "shards")
             cut = np.cumsum([len(p) for p in parts])[:-1]
             (zl, _, _), (fl, ft, fte) = np.split(z, cut), np.split(f, cut)
         else:
-            zl, fl = _infer(ctx, info.checkpoint, labeled.images, tmp / "shards_labeled")
-            ft = _infer(ctx, info.checkpoint, ts.images, tmp / "shards")[1]
-            fte = _infer(ctx, info.checkpoint, test.images, tmp / "shards_test")[1]
+            zl, fl = _infer(ctx, info, labeled.images, tmp / "shards_labeled")
+            ft = _infer(ctx, info, ts.images, tmp / "shards")[1]
+            fte = _infer(ctx, info, test.images, tmp / "shards_test")[1]
         fl = fl.astype(np.float32)
         log_proba, train_top1, (mean, std, clf) = _probe(fl, labeled.labels, ctx.cfg.sources.probe_c,
                                                         ctx.task.num_classes, ctx.cfg.seed)
@@ -227,8 +228,9 @@ def stage_source_signals(ctx, info: SourceInfo, ts) -> Path:
         return {"source": info.name, "probe_train_top1": train_top1, "probe_test_top1": test_top1,
                 "has_head": info.has_head, "feature_dim": info.feature_dim, "transfer_set": ts.description}
 
+    actors = inference_actors(ctx, len(labeled) + len(ts) + len(test), info.flops, ctx.cfg.sources.inference_actors)
     run = run_stage(ctx, "source_signals", body, content={"source_model": info.key},
-                    record_as=f"source_signals_{info.name}", devices=ctx.cfg.sources.inference_actors,
+                    record_as=f"source_signals_{info.name}", devices=max(1, actors),
                     after=lambda r: {"source_forward_passes": 0 if r.hit else len(labeled) + len(ts)})
     if run.hit:
         log.info("source %s: signals cache hit (%s), no inference", info.name, run.key)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from orchestrator.graph import run_stage
 from orchestrator.methods.base import Method, MethodResult, register
-from orchestrator.methods.common import stage_teacher, stage_transfer_set, teacher_kwargs
+from orchestrator.methods.common import (frozen_model_outputs, inference_actors, stage_teacher, stage_transfer_set,
+                                         teacher_kwargs)
 from orchestrator.methods.student_stages import derived_config, stage_distill, stage_evaluate, stage_train
 
 
@@ -35,23 +36,23 @@ def stage_frozen_teacher(ctx) -> Path:
 
 
 def stage_teacher_features(ctx, ts, frozen: Path) -> Path:
-    """The frozen teacher's (N, D) float16 features on the transfer set (Ray Data; cached)."""
+    """The frozen teacher's (N, D) float16 features on the transfer set (Ray Data, or in this process for a small
+    pass: :func:`orchestrator.methods.common.inference_actors`; cached)."""
     import numpy as np
 
-    from orchestrator.ray_adapters.data import teacher_inference
-
     cfg = ctx.cfg
+    actors = inference_actors(ctx, len(ts), ctx.teacher_flops, cfg.teacher.inference_actors)
 
     def body(tmp: Path, c) -> dict:
-        logits, feats = teacher_inference(str(frozen), ts.images, tmp / "shards", cfg.teacher.inference_batch_size,
-                                          cfg.teacher.inference_actors, ctx.actor_gpus(), features=True)
+        logits, feats = frozen_model_outputs(ctx, frozen, ts.images, tmp / "shards", cfg.teacher.inference_batch_size,
+                                             actors, "frozen teacher features")
         c.images, c.flops = len(ts), ctx.teacher_flops * len(ts)
         np.save(tmp / "images.npy", ts.images)
         np.save(tmp / "logits.npy", logits)  # zeros: never read by the feature-only loss
         np.save(tmp / "features.npy", feats)
         return {"transfer_set": ts.description}
 
-    return run_stage(ctx, "teacher_features", body, record_as="teacher_inference", devices=cfg.teacher.inference_actors,
+    return run_stage(ctx, "teacher_features", body, record_as="teacher_inference", devices=max(1, actors),
                      after=lambda r: {"teacher_forward_passes": 0 if r.hit else len(ts)}).entry
 
 

@@ -7,8 +7,6 @@ Workers read the cached transfer images and teacher logits from shared storage (
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -63,9 +61,7 @@ def _train_fn(config: dict) -> None:
             say(f"[kt] resumed distillation from its checkpoint at epoch {start}/{plan.epochs}")
     log["starts"].append(start)
     ddp = ray.train.torch.prepare_model(model) if world > 1 else model
-    fault = config.get("fault_after_epoch", -1)  # test-only fault injection: the worker processes die once
-    where = Path(config["data"]) if isinstance(config["data"], str) else Path(tempfile.gettempdir())
-    marker = where / f".fault-injected-{ctx.get_experiment_name()}"
+    hooks = config.get("epoch_hooks") or []
     if rank == 0 and start == 0:
         say(f"[kt] distillation: {plan.describe()}")
     for epoch in range(start, plan.epochs):
@@ -86,11 +82,8 @@ def _train_fn(config: dict) -> None:
             say(f"[kt] distill epoch {epoch + 1}/{plan.epochs}: loss {loss:.4f}{shown} ({seconds:.0f} s)")
         report_epoch(metrics, rank,
                      lambda d: save_state(d / "state.pt", model, opt, sched, epoch, log))
-        if epoch == fault and not marker.exists():
-            time.sleep(2)  # let the controller register the checkpoint just reported
-            if rank == 0:
-                marker.touch()
-            os._exit(1)
+        for hook in hooks:  # after the epoch's checkpoint (e.g. a test's fault injection)
+            hook(epoch, rank)
 
 
 def resolve_ref(ref) -> Path:
@@ -125,7 +118,7 @@ def _inputs(src):
 
 def distill_ray(data, student: str, model_kwargs: dict, num_classes: int, preprocess: dict,
                 distill: dict, seed: int, storage_path: Path, name: str, num_workers: int, use_gpu: bool,
-                cpus_per_worker: float = 1.0, fault_after_epoch: int = -1, teacher_checkpoint: str | None = None,
+                cpus_per_worker: float = 1.0, epoch_hooks: list | None = None, teacher_checkpoint: str | None = None,
                 callbacks: list | None = None, extra_metrics: dict | None = None, augment: dict | None = None):
     """Distill with a TorchTrainer of ``num_workers`` workers.
 
@@ -143,7 +136,8 @@ def distill_ray(data, student: str, model_kwargs: dict, num_classes: int, prepro
         extra_metrics: constants added to every epoch's report (e.g. the student's FLOPs for a sweep).
         augment: the task's augmentation, ``cfg.data.augment_policy().model_dump(mode="json")`` (used when
             ``distill.augment``); None: the label-preserving default (shift only, no flip).
-        fault_after_epoch: tests only: every worker process exits after this epoch's checkpoint (first start).
+        epoch_hooks: picklable callables every worker runs as ``hook(epoch, rank)`` after each epoch's report and
+            checkpoint (tests/ray/test_ray_stages.py kills the worker group with one).
     Budget: ``distill.steps`` optimizer steps (or ``distill.epochs`` passes), split into reporting epochs of
         ``epoch_steps`` steps (:func:`orchestrator.stages.schedule.distill_plan`); one report and checkpoint per
         reporting epoch (its metrics include ``steps``, the optimizer steps so far).
@@ -165,7 +159,7 @@ def distill_ray(data, student: str, model_kwargs: dict, num_classes: int, prepro
         train_loop_config=dict(data=data if isinstance(data, dict) else str(data), student=student,
                                model_kwargs=model_kwargs,
                                num_classes=num_classes, preprocess=preprocess, distill=distill, seed=seed,
-                               threads_per_worker=max(1, int(cpus_per_worker)), fault_after_epoch=fault_after_epoch,
+                               threads_per_worker=max(1, int(cpus_per_worker)), epoch_hooks=epoch_hooks or [],
                                teacher_checkpoint=teacher_checkpoint, extra_metrics=extra_metrics or {},
                                augment=augment),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,

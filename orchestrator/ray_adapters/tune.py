@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 from ray import tune  # this module is the Tune adapter: imported only when a sweep runs
@@ -105,12 +106,22 @@ class TrialLedger(tune.Callback):
         self._client = None
         self._runs: dict[str, str] = {}
         self._done: set[str] = set()
+        self._started: dict[str, float] = {}  # trial id -> when Tune started it (Unix seconds)
+        self._tracking: dict[str, float] = {}  # trial id -> seconds of its MLflow writes
+
+    _TRANSIENT = ("_client", "_runs", "_done", "_started", "_tracking")
 
     def __getstate__(self):  # pickled into the Tune experiment state: no client, no cached ids
-        return {k: v for k, v in self.__dict__.items() if k not in ("_client", "_runs", "_done")}
+        return {k: v for k, v in self.__dict__.items() if k not in self._TRANSIENT}
 
     def __setstate__(self, state):
-        self.__dict__.update(state, _client=None, _runs={}, _done=set())
+        self.__dict__.update(state, _client=None, _runs={}, _done=set(), _started={}, _tracking={})
+
+    def _timed(self, trial, fn, *args) -> None:
+        """``fn(*args)``, its seconds added to the trial's tracking time."""
+        t0 = time.perf_counter()
+        fn(*args)
+        self._tracking[trial.trial_id] = self._tracking.get(trial.trial_id, 0.0) + time.perf_counter() - t0
 
     @property
     def runs(self):
@@ -147,13 +158,31 @@ class TrialLedger(tune.Callback):
                 "teacher_forward_passes", "epoch", "distill_restarts")
         tags = res.get("kt_tags") or {}
         row = {"trial_id": trial.trial_id, "status": status, **{k: res.get(k) for k in keep},
-               "params": dict(trial.config), "tags": tags, "reused_from": tags.get("reused_from"), "error": error}
+               "params": dict(trial.config), "tags": tags, "reused_from": tags.get("reused_from"), "error": error,
+               **self._timing(trial, res)}
         d = Path(self.sweep_dir) / "trials" / trial.trial_id
         d.mkdir(parents=True, exist_ok=True)
         write_atomic(d / "row.json", json.dumps(row, indent=1, default=str))
 
+    def _timing(self, trial, res: dict) -> dict[str, float]:
+        """The trial's ``time_*`` parts (orchestrator.sweeps.trial.trial_timing) and the driver's: actor start
+        (Tune started it -> its function ran), result (its end -> now), tracking (MLflow writes) and the trial's
+        whole wall time (``time_trial_s``), when this driver started the run that made the result (not for a
+        result a finished trial re-reports after a resume)."""
+        out = {k: v for k, v in res.items() if k.startswith("time_")}
+        start, now = self._started.get(trial.trial_id), time.time()
+        if start is None or out.get("time_started_unix", 0.0) < start:  # a result re-reported from an earlier run
+            return out
+        steps = sum(out.get(k, 0.0) for k in ("time_data_s", "time_setup_s", "time_worker_group_s",
+                                               "time_distill_steps_s", "time_finetune_s", "time_evaluate_s",
+                                               "time_save_s"))
+        actor = out["time_started_unix"] - start
+        return {**out, "time_actor_start_s": actor, "time_result_s": max(0.0, now - start - actor - steps),
+                "time_tracking_s": self._tracking.get(trial.trial_id, 0.0), "time_trial_s": now - start}
+
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._run_id(trial)
+        self._started[trial.trial_id] = time.time()
+        self._timed(trial, self._run_id, trial)
         log.info("trial %s started: %s", trial.trial_id, ", ".join(f"{k}={v}" for k, v in trial.config.items()))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -163,18 +192,18 @@ class TrialLedger(tune.Callback):
         metrics = {k: v for k, v in result.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in _TUNE_NOISE}
         tags = {f"kt.{k}": str(v) for k, v in (result.get("kt_tags") or {}).items()}
-        self.runs.log(run_id, metrics, int(result.get("training_iteration", 0)), tags)
+        self._timed(trial, self.runs.log, run_id, metrics, result_step(result), tags)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         final = bool((trial.last_result or {}).get("kt_final"))
         status = "completed" if final else "stopped"
-        self._row(trial, status)
         res = trial.last_result or {}
+        self._timed(trial, self._log_student, trial, (res.get("kt_tags") or {}).get("student_bundle") if final else None)
+        self._row(trial, status)
         n_done = len(list((Path(self.sweep_dir) / "trials").glob("*/row.json")))
         log.info("trial %s %s%s: val top-1 %.4f%s [%d of %d trials ended]", trial.trial_id, status,
                  "" if final else f" early (ASHA) after epoch {res.get('epoch')}", res.get("val_top1", float("nan")),
                  f", test top-1 {res['test_top1']:.4f}" if final else "", n_done, self.total)
-        self._log_student(trial, (res.get("kt_tags") or {}).get("student_bundle") if final else None)
         self._end(trial, "FINISHED", {"kt.status": status})
 
     def _log_student(self, trial, bundle: str | None) -> None:
@@ -204,6 +233,15 @@ class TrialLedger(tune.Callback):
             self.runs.end(run_id, status, tags)
             self._runs.pop(trial.trial_id, None)
             self._done.add(trial.trial_id)
+
+
+def result_step(result: dict) -> int:
+    """The MLflow step of a trial's report: its distillation epoch (1-based), and for the final report (after
+    finetuning) the epoch after the last. Not Tune's ``training_iteration``, which restarts at 1 when a trial
+    of a resumed sweep runs again while its Ray Train run resumes from a later epoch."""
+    if result.get("kt_final"):
+        return int(result.get("distill_epochs") or 0) + 1
+    return int(result.get("epoch") or result.get("training_iteration") or 0)
 
 
 _TUNE_NOISE = {"timestamp", "time_this_iter_s", "time_total_s", "pid", "time_since_restore",

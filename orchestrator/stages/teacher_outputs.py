@@ -1,9 +1,12 @@
 """Teacher inference over the transfer set: the adapted teacher's logits (soft labels before temperature).
 
 ``TeacherPredictor`` is a callable class over numpy batches; the Ray Data adapter runs it as an actor pool
-(each actor holds the teacher once), and :func:`teacher_logits` runs it in-process (the reference path).
+(each actor holds the teacher once); :func:`teacher_outputs_in_process` writes the same outputs in this process
+(passes too small for an actor pool) and :func:`teacher_logits` is the in-process reference.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -44,9 +47,69 @@ class TeacherPredictor:
         return out
 
 
+def _batches(pred: TeacherPredictor, images: np.ndarray, batch_size: int):
+    for s in range(0, len(images), batch_size):
+        yield pred({"image": images[s:s + batch_size], "index": np.arange(s, min(s + batch_size, len(images)))})
+
+
 def teacher_logits(checkpoint: str, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
     """In-process teacher inference. images: (N, H, W, C) uint8 -> (N, K) float32 logits."""
-    pred = TeacherPredictor(checkpoint)
-    outs = [pred({"image": images[s:s + batch_size], "index": np.arange(s, min(s + batch_size, len(images)))})
-            ["logits"] for s in range(0, len(images), batch_size)]
-    return np.concatenate(outs)
+    return np.concatenate([b["logits"] for b in _batches(TeacherPredictor(checkpoint), images, batch_size)])
+
+
+def teacher_outputs_in_process(checkpoint: str, images: np.ndarray, out_dir: Path, batch_size: int = 512,
+                               features: bool = False):
+    """What the Ray Data adapter's ``teacher_inference`` returns and writes (the same parquet shards of
+    ``(index, logits)`` under ``out_dir``), computed in this process: for passes too small to repay an actor
+    pool's start-up. Returns (N, K) float32 logits, or with ``features`` (logits, (N, D) float16 features)."""
+    feats: list[np.ndarray] = []
+
+    def batches():
+        for b in _batches(TeacherPredictor(checkpoint, features=features), images, batch_size):
+            if features:
+                feats.append(b.pop("features"))
+            yield b
+
+    index, logits = write_shards(batches(), out_dir)
+    ordered = order_logits(index, logits, len(images), str(out_dir))
+    return (ordered, np.concatenate(feats)) if features else ordered
+
+
+def order_logits(index: np.ndarray, logits: np.ndarray, n: int, where: str) -> np.ndarray:
+    """Place rows by ``index`` ((n,) int64) into (n, K) float32. Raises ValueError if any index is missing or
+    repeated."""
+    if len(index) != n or not np.array_equal(np.sort(index), np.arange(n)):
+        raise ValueError(f"teacher outputs in {where} hold {len(index)} rows for {n} images")
+    out = np.empty((n, logits.shape[1]), np.float32)
+    out[index] = logits
+    return out
+
+
+def write_shards(batches, out_dir: Path, rows_per_shard: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Write ``{"index": (B,), "logits": (B, K)}`` batches as parquet shards of about ``rows_per_shard`` rows.
+    Returns everything written: (index (N,) int64, logits (N, K) float32), in arrival order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    buf: list[dict] = []
+    done_idx: list[np.ndarray] = []
+    done_logits: list[np.ndarray] = []
+
+    def flush():
+        if not buf:
+            return
+        idx = np.concatenate([b["index"] for b in buf]).astype(np.int64)
+        logits = np.concatenate([b["logits"] for b in buf]).astype(np.float32)  # (n, K) float32
+        col = pa.FixedSizeListArray.from_arrays(pa.array(logits.ravel()), logits.shape[1])
+        pq.write_table(pa.table({"index": idx, "logits": col}), out_dir / f"shard-{len(done_idx):05d}.parquet")
+        done_idx.append(idx)
+        done_logits.append(logits)
+        buf.clear()
+
+    for b in batches:
+        buf.append(b)
+        if sum(len(x["index"]) for x in buf) >= rows_per_shard:
+            flush()
+    flush()
+    return np.concatenate(done_idx), np.concatenate(done_logits)

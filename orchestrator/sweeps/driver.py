@@ -97,11 +97,23 @@ def prepare(name: str, space: SearchSpace, base: dict, parent_tracker, sweep_dir
             del ts
         ctx.cfg, ctx.keys = cfg0, shared
         parent_tracker.metrics({"teacher_top1": ctx.stages["adapt_teacher"]["top1"]})
+    _carry_passes(sweep_dir / "transfer_sets.json", sets)
+    passes = sum(s["teacher_forward_passes"] for s in sets.values())
     parent_tracker.metrics({"prepare.teacher_forward_passes": passes, "prepare.transfer_sets": len(sets)})
     return SweepContext(name=name, sweep_dir=str(sweep_dir), remote_dir=join(cfg0.storage_uri(), "sweeps", name),
                         base=base, space=space, teacher_id=ctx.teacher_id, keys=dict(ctx.keys),
                         adapted=str(ctx.adapted) if ctx.adapted else None, teacher_flops=int(ctx.teacher_flops),
                         transfer_sets=sets)
+
+
+def _carry_passes(previous: Path, sets: dict[str, dict]) -> None:
+    """A resumed sweep's prepare step finds its teacher outputs in the cache (no forward passes): add the passes
+    its earlier starts made (``transfer_sets.json``), so the counts are the sweep's, over all its starts."""
+    if not previous.is_file():
+        return
+    before = json.loads(previous.read_text())
+    for slot, s in sets.items():
+        s["teacher_forward_passes"] += int(before.get(slot, {}).get("teacher_forward_passes", 0))
 
 
 def _max_epochs(space: SearchSpace, base: dict) -> int:

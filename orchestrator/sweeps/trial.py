@@ -112,6 +112,7 @@ def run_trial(sctx: SweepContext, trial_id: str, labels: dict[str, Any], report:
     Raises:
         ConfigError for a drawn configuration that does not validate; whatever a stage raises.
     """
+    started = time.time()
     tdir = Path(sctx.sweep_dir) / "trials" / trial_id
     tdir.mkdir(parents=True, exist_ok=True)
     done = tdir / "final.json"
@@ -138,7 +139,7 @@ def run_trial(sctx: SweepContext, trial_id: str, labels: dict[str, Any], report:
             _attempt(tdir, f"reused {twin.name}")
         else:
             _attempt(tdir, "start")
-            final = _train(sctx, cfg, trial_id, tdir, callbacks)
+            final = _train(sctx, cfg, trial_id, tdir, callbacks, started)
             _attempt(tdir, "finished")
             log.info("trial %s: val top-1 %.4f, test top-1 %.4f", trial_id, final["val_top1"], final["test_top1"])
         write_atomic(done, json.dumps(final, indent=1))
@@ -149,17 +150,22 @@ def run_trial(sctx: SweepContext, trial_id: str, labels: dict[str, Any], report:
 TRAINING_STAGES = ("distill", "finetune", "ssl_pretrain", "baseline")  # what a trial's device time is spent on
 
 
-def _train(sctx: SweepContext, cfg: PipelineConfig, trial_id: str, tdir: Path, callbacks: list | None) -> dict:
+def _train(sctx: SweepContext, cfg: PipelineConfig, trial_id: str, tdir: Path, callbacks: list | None,
+           started: float) -> dict:
     """The trial's method (distillation on Ray Train, finetuning), evaluated on the validation and test
-    images; the trial's final report."""
+    images; the trial's final report, with the seconds of its parts (:func:`trial_timing`). ``started``: when
+    the trial function began (Unix seconds)."""
     import torch
 
     from orchestrator.methods import METHODS
     from orchestrator.methods.student_stages import stage_evaluate
 
     torch.set_num_threads(max(1, int(sctx.space.resources.cpus_per_worker)))
+    t0 = time.perf_counter()
     ctx = _ctx(sctx, cfg, tdir)
+    t_data = time.perf_counter()
     fwd = _student_flops(ctx, cfg)
+    t_setup = time.perf_counter()
     ctx.train_hooks = {"run_name": trial_id, "storage": join(sctx.remote_dir, "train"), "callbacks": callbacks,
                        "extra_metrics": {"student_flops": float(fwd)}}
     method = METHODS.get(cfg.method)
@@ -184,8 +190,26 @@ def _train(sctx: SweepContext, cfg: PipelineConfig, trial_id: str, tdir: Path, c
                     "student": res.model_id, "trial_dir": str(tdir),
                     **{f"{k}.key": v for k, v in ctx.keys.items() if k in LINEAGE_STAGES}},
     }
+    t_save = time.perf_counter()
     final["kt_tags"]["student_bundle"] = str(keep_student(sctx, trial_id, tdir, ctx, res, final))
+    final.update(trial_timing(st, cfg, started, t_data - t0, t_setup - t_data, time.perf_counter() - t_save))
     return final
+
+
+def trial_timing(stages: dict, cfg: PipelineConfig, started: float, data_s: float, setup_s: float,
+                 save_s: float) -> dict[str, float]:
+    """The seconds of a trial's parts (benchmarks/trial_overhead.py): ``time_data_s`` (images and split),
+    ``time_setup_s`` (the student's FLOP count), ``time_distill_steps_s`` (rank 0's epochs),
+    ``time_worker_group_s`` (the rest of the distill stage's wall time: Ray Train start-up, reports,
+    checkpoints, shutdown), ``time_finetune_s``, ``time_evaluate_s`` (every evaluation), ``time_save_s`` (the
+    student bundle), and ``time_started_unix`` (when the trial function began)."""
+    d = stages.get("distill", {})
+    steps = d.get("device_seconds", 0.0) / max(1, cfg.distill.num_workers)
+    return {"time_started_unix": started, "time_data_s": data_s, "time_setup_s": setup_s,
+            "time_distill_steps_s": steps, "time_worker_group_s": max(0.0, d.get("wall_seconds", 0.0) - steps),
+            "time_finetune_s": sum(stages.get(k, {}).get("wall_seconds", 0.0) for k in ("finetune", "baseline")),
+            "time_evaluate_s": sum(v.get("wall_seconds", 0.0) for k, v in stages.items() if k.startswith("evaluate")),
+            "time_save_s": save_s}
 
 
 LINEAGE_STAGES = ("adapted_teacher", "transfer_set", "teacher_outputs", "teacher_features", "ssl_pretrain")

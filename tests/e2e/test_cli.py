@@ -61,44 +61,6 @@ def test_smoke_run_every_stage_tracked(smoke_run):
     assert out.shape == (2, 10)
 
 
-def test_second_run_hits_teacher_output_cache(smoke_storage):
-    r = run_kt("run", str(TASK), "--smoke", "--storage", str(smoke_storage))
-    assert r.returncode == 0, r.stderr[-4000:]
-    assert "teacher inference skipped" in r.stderr
-    _, parents, runs = mlflow_runs(smoke_storage)
-    kids = children(runs, parents[-1])
-    assert kids["teacher_inference"].data.metrics["cache_hit"] == 1.0
-    assert kids["teacher_inference"].data.metrics["teacher_forward_passes"] == 0
-    assert kids["adapt_teacher"].data.metrics["cache_hit"] == 1.0
-    assert parents[-1].data.metrics["cache_hits_teacher_outputs"] == 1.0
-    # the adapted teacher's test evaluation is read from its cache entry, not recomputed
-    assert parents[-1].data.metrics["teacher_top1"] == parents[0].data.metrics["teacher_top1"]
-
-
-def test_storage_uri_is_shared_by_two_nodes(tmp_path):
-    """`--storage file://...` with two different local mirrors (two "nodes"): the second run finds the
-    stand-in, the adapted teacher and the teacher outputs the first one published, and its Ray Train run
-    lives under the storage URI, not the mirror. (The local SimCLR stand-in teacher, built by the first run.)"""
-    remote = tmp_path / "remote"
-    uri = remote.as_uri()
-    args = ["run", str(TASK), "--smoke", "--storage", uri, "--set", "baseline.enabled=false",
-            "--set", "distill.epochs=1", "--set", "teacher.id=standin/simclr", "--set", "teacher.model_kwargs={}"]
-    # a Ray of its own: the Ray Train workers must see this process's KT_MIRROR (the "node" they run on)
-    first = run_kt(*args, env={"KT_MIRROR": str(tmp_path / "node_a")}, own_ray=True)
-    assert first.returncode == 0, first.stderr[-4000:]
-    assert list((remote / "cache" / "teacher_outputs").glob("*/_COMPLETE"))
-    assert list((remote / "ray_results").glob("distill-*/checkpoint_*"))
-    second = run_kt(*args, env={"KT_MIRROR": str(tmp_path / "node_b")}, own_ray=True)
-    assert second.returncode == 0, second.stderr[-4000:]
-    assert "teacher inference skipped" in second.stderr
-    _, parents, runs = mlflow_runs(tmp_path / "node_b")  # node B's own MLflow store, in its mirror
-    kids = children(runs, parents[-1])
-    assert kids["standin"].data.metrics["cache_hit"] == 1.0
-    assert kids["adapt_teacher"].data.metrics["cache_hit"] == 1.0
-    assert kids["teacher_inference"].data.metrics["teacher_forward_passes"] == 0
-    assert list((tmp_path / "node_b" / "cache" / "teacher_outputs").glob("*/logits.npy"))  # downloaded copy
-
-
 def test_retrieval_run_beside_its_random_control(smoke_storage, fmnist, tmp_path):
     """`kt run` with the retrieval source on a small mixed pool: manifest logged, control arm run, the share of
     on-task images reported for both."""
@@ -119,6 +81,7 @@ def test_retrieval_run_beside_its_random_control(smoke_storage, fmnist, tmp_path
     assert ts["size"] == 120 and ts["pool_images"] == 399 and ts["bad_images"] == 1 and control["size"] == 120
     assert ts["target_domain_fraction"] > control["target_domain_fraction"]
     assert kids["teacher_inference"].data.metrics["teacher_forward_passes"] == 120
+    assert kids["adapt_teacher"].data.metrics["cache_hit"] == 1.0  # the smoke run's adapted teacher
     assert {"distill_random", "evaluate_random_control"} <= set(kids)
     m = parents[-1].data.metrics
     assert m["retrieval_gain_over_random"] == pytest.approx(m["distilled_top1"] - m["random_control_top1"])
@@ -127,44 +90,88 @@ def test_retrieval_run_beside_its_random_control(smoke_storage, fmnist, tmp_path
     assert parents[-1].data.tags["transfer_set.source"] == "retrieval"
 
 
-def test_killed_run_resumes_distillation(tmp_path):
-    """SIGKILL `kt run` (and the local Ray it started) mid-distillation; the re-run resumes from the checkpoint."""
-    args = [sys.executable, "-m", "orchestrator.cli", "run", str(TASK), "--smoke", "--storage", str(tmp_path),
-            "--set", "distill.epochs=12", "--set", "baseline.enabled=false"]
-    own_ray = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, killed with it
-    p = subprocess.Popen(args, cwd=ROOT, env=own_ray, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
+def test_run_killed_on_one_node_resumes_on_another(tmp_path):
+    """Two "nodes" share `--storage file://...` through local mirrors of their own. SIGKILL `kt run` (and the
+    local Ray it started) on node A mid-distillation; the re-run on node B finds the stand-in, the adapted
+    teacher (with its test evaluation) and the teacher outputs node A published, and resumes distillation from
+    the checkpoint node A's Ray Train run left under the storage URI (not in a mirror). (The local SimCLR
+    stand-in teacher, built by node A's run.)"""
+    remote = tmp_path / "remote"
+    args = ["run", str(TASK), "--smoke", "--storage", remote.as_uri(), "--set", "baseline.enabled=false",
+            "--set", "distill.epochs=12", "--set", "teacher.id=standin/simclr", "--set", "teacher.model_kwargs={}"]
+    # a Ray of its own (killed with it): the Ray Train workers must see this process's KT_MIRROR (its "node")
+    node_a = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "KT_MIRROR": str(tmp_path / "node_a")}
+    p = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], cwd=ROOT, env=node_a,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 300
-        while time.time() < deadline and not list((tmp_path / "ray_results").glob("distill-*/checkpoint_*")):
+        while time.time() < deadline and not list((remote / "ray_results").glob("distill-*/checkpoint_*")):
             assert p.poll() is None, "kt run ended before distillation checkpointed"
             time.sleep(0.5)
         time.sleep(1.0)
     finally:
         os.killpg(p.pid, signal.SIGKILL)  # the driver and the Ray processes it started, nothing else
         p.wait()
-    r = run_kt("run", str(TASK), "--smoke", "--storage", str(tmp_path), "--set", "distill.epochs=12",
-               "--set", "baseline.enabled=false")
+    assert list((remote / "cache" / "teacher_outputs").glob("*/_COMPLETE"))
+    r = run_kt(*args, env={"KT_MIRROR": str(tmp_path / "node_b")}, own_ray=True)
     assert r.returncode == 0, r.stderr[-4000:]
-    out = r.stdout + r.stderr
-    assert "resumed distillation from its checkpoint at epoch" in out
-    _, parents, runs = mlflow_runs(tmp_path)
-    distill = children(runs, parents[-1])["distill"].data.metrics
+    assert "teacher inference skipped" in r.stderr
+    assert "resumed distillation from its checkpoint at epoch" in r.stdout + r.stderr
+    _, parents, runs = mlflow_runs(tmp_path / "node_b")  # node B's own MLflow store, in its mirror
+    [parent] = parents
+    kids = children(runs, parent)
+    assert kids["standin"].data.metrics["cache_hit"] == 1.0
+    assert kids["adapt_teacher"].data.metrics["cache_hit"] == 1.0
+    assert kids["teacher_inference"].data.metrics["cache_hit"] == 1.0
+    assert kids["teacher_inference"].data.metrics["teacher_forward_passes"] == 0
+    assert parent.data.metrics["cache_hits_teacher_outputs"] == 1.0
+    assert list((tmp_path / "node_b" / "cache" / "teacher_outputs").glob("*/logits.npy"))  # downloaded copy
+    # the adapted teacher's test evaluation is node A's, read from the entry (its seconds too), not recomputed
+    [saved] = (remote / "cache" / "adapted_teacher").glob("*/test_eval.npz")
+    z = np.load(saved)
+    assert parent.data.metrics["teacher_top1"] == pytest.approx(float(z["top1"]))
+    assert kids["adapt_teacher"].data.metrics["eval_seconds"] == pytest.approx(float(z["seconds"]))
+    distill = kids["distill"].data.metrics
     assert distill["restarts"] >= 1 and distill["resumed_at_epoch"] >= 1 and distill["epochs"] == 12
+    assert list((remote / "ray_results").glob("distill-*/checkpoint_*"))
+    assert not (tmp_path / "node_b" / "ray_results").exists()  # Ray Train lives under the URI, not the mirror
 
 
-@pytest.mark.parametrize("args,message", [
+def kt_in_process(*args: str):
+    """The `kt` CLI (its Typer app) called in this process, as a CompletedProcess-like result (returncode,
+    stdout, stderr): for the fail-fast errors, which end before any Ray, so a subprocess's start-up (imports,
+    data) would be most of their cost. test_a_bad_override_fails_fast_in_a_subprocess keeps one through `python -m`."""
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    r = CliRunner().invoke(app, list(args))
+    return SimpleNamespace(returncode=r.exit_code, stdout=r.stdout, stderr=r.stderr)
+
+
+BAD_INPUT = [
     (["--set", "distill.temprature=2"], "unknown config key 'distill.temprature'"),
     (["--set", "labels.label_fraction=1.5"], "out of range"),
     (["--set", "student.id=timm/not_a_net"], "unknown student 'timm/not_a_net'"),
     (["--set", "teacher.id=hub/clip"], "cannot parse model id 'hub/clip'"),
     (["--set", "transfer_set.source=laion"], "unknown transfer-set source 'laion'"),
     (["--set", "data.format=image_folder", "--set", "data.root=/nonexistent/task"], "does not exist"),
-])
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUT)
 def test_bad_input_fails_fast_with_a_clear_error(tmp_path, args, message):
-    r = run_kt("run", str(TASK), "--smoke", "--storage", str(tmp_path), *args, timeout=120)
+    r = kt_in_process("run", str(TASK), "--smoke", "--storage", str(tmp_path), *args)
     assert r.returncode == 2 and message in r.stderr.replace("\n", " "), r.stderr[-2000:]
     assert not list(tmp_path.rglob(".tmp-*")) and not (tmp_path / "cache").exists()
+
+
+def test_a_bad_override_fails_fast_in_a_subprocess(tmp_path):
+    args, message = BAD_INPUT[0]
+    r = run_kt("run", str(TASK), "--smoke", "--storage", str(tmp_path), *args, timeout=120)
+    assert r.returncode == 2 and message in r.stderr.replace("\n", " "), r.stderr[-2000:]
 
 
 def test_corrupt_image_in_image_folder_is_named(tmp_path, fmnist):
@@ -177,8 +184,8 @@ def test_corrupt_image_in_image_folder_is_named(tmp_path, fmnist):
             for i in range(3):
                 Image.fromarray(fmnist.train.images[i + 3 * c, ..., 0]).save(d / f"{i}.png")
     (tmp_path / "task" / "train" / "c1" / "bad.jpg").write_bytes(np.arange(64, dtype=np.uint8).tobytes())
-    r = run_kt("run", str(TASK), "--smoke", "--storage", str(tmp_path / "s"), "--set", "data.format=image_folder",
-               "--set", f"data.root={tmp_path / 'task'}", timeout=120)
+    r = kt_in_process("run", str(TASK), "--smoke", "--storage", str(tmp_path / "s"), "--set",
+                      "data.format=image_folder", "--set", f"data.root={tmp_path / 'task'}")
     assert r.returncode == 2 and "bad.jpg" in r.stderr and "delete or replace" in r.stderr.replace("\n", " ")
     assert not list((tmp_path / "s").rglob(".tmp-*"))
 

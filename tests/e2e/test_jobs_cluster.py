@@ -1,6 +1,7 @@
 """`kt submit` / `orchestrator.submit` against a real local Ray cluster (`ray start --head --block` on
-127.0.0.1 with the Jobs API, token auth on): a smoke sweep submitted both ways runs to SUCCEEDED and leaves its
-MLflow runs; a failing job shows its log tail and exits non-zero; an unreachable cluster is a clear error.
+127.0.0.1 with the Jobs API, token auth on): a smoke sweep (CLI) and a smoke run (Python API) submitted to it
+run to SUCCEEDED and leave their MLflow runs; a failing job shows its log tail and exits non-zero; an
+unreachable cluster is a clear error.
 The cluster is the session's (tests.conftest.ray_cluster), which stops exactly the cluster it started."""
 from pathlib import Path
 
@@ -13,12 +14,15 @@ from tests.conftest import ROOT, TASK, free_port, run_kt
 
 pytestmark = pytest.mark.e2e
 
+# the job's sweep is what the Jobs API carries (a Tune driver inside a Ray Job), kept cheap: supervised-only
+# trials (no teacher, no Ray Train); distillation trials are covered by tests/ray/test_sweep_ray.py and
+# tests/e2e/test_sweep_cli.py
 SPACE = {"name": "jobs", "search": {"num_trials": 2, "max_concurrent_trials": 2, "seed": 0},
          "resources": {"cpus_per_worker": 0.9, "trial_driver_cpus": 0.1},
          "validation_per_class": 5,
-         "fixed": {"distill.epochs": 1, "distill.batch_size": 64, "finetune.epochs": 1, "transfer_set.max_images": 200,
+         "fixed": {"method": "supervised", "baseline.epochs": 2,
                    "student": {"id": "timm/resnet10t", "model_kwargs": {"channels": [8, 16, 32, 64], "stem_width": 8}}},
-         "space": {"distill.temperature": {"loguniform": [1.0, 8.0]}}}
+         "space": {"baseline.lr": {"loguniform": [1e-3, 1e-2]}}}
 
 
 @pytest.fixture
@@ -46,6 +50,8 @@ def test_sweep_submitted_with_cli_and_python_api_succeeds(cluster, tmp_path):
     assert "submitted job" in r.stdout and "SUCCEEDED" in r.stdout and "Pareto front" in r.stdout
     parent, kids = mlflow_sweep_runs(storage, "via-cli")
     assert parent.info.status == "FINISHED" and len(kids) == 2
+    assert {k.data.tags["kt.method"] for k in kids} == {"supervised"} and all(0 < k.data.metrics["val_top1"] <= 1
+                                                                                for k in kids)
 
     # the Python API: a cheaper job (the supervised-only method: no teacher, no Ray Train), same storage
     job = orchestrator.submit(["run", str(TASK), "--smoke", "--set", "method=supervised", "--storage", str(storage)],

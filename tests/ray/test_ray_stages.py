@@ -29,26 +29,36 @@ def write_distill_dir(d, fmnist, ckpt):
     np.savez(d / "labeled.npz", images=fmnist.train.images[600:650], labels=fmnist.train.labels[600:650])
 
 
-def run_distill(d, storage, name, epochs=3, fault=-1):
+def run_distill(d, storage, name, epochs=3, hooks=None):
     from orchestrator.ray_adapters.train import distill_ray
 
     cfg = DistillConfig(epochs=epochs, batch_size=64, lr=3e-3, ce_weight=0.5).model_dump()
     return distill_ray(d, "timm/resnet10t", TINY_RESNET, 10, PRE.to_dict(), cfg, 0, storage, name, 2, False,
-                       fault_after_epoch=fault)
+                       epoch_hooks=hooks)
 
 
-def test_ray_train_distill_two_workers_loss_decreases(local_ray, fmnist, tiny_teacher_ckpt, tmp_path):
+def die_once_after(epoch_to_die: int, marker):
+    """A worker epoch hook: after epoch ``epoch_to_die``'s checkpoint, every worker process exits, once."""
+    def hook(epoch, rank):
+        import os
+        import time
+
+        if epoch == epoch_to_die and not marker.exists():
+            time.sleep(2)  # let the controller register the checkpoint just reported
+            if rank == 0:
+                marker.touch()
+            os._exit(1)
+    return hook
+
+
+def test_ray_train_two_workers_killed_midway_resume_and_a_finished_run_restores(local_ray, fmnist,
+                                                                                 tiny_teacher_ckpt, tmp_path):
     write_distill_dir(tmp_path / "data", fmnist, tiny_teacher_ckpt)
-    state, log = run_distill(tmp_path / "data", tmp_path / "ray_results", "t1", epochs=4)
-    assert log["loss"][-1] < log["loss"][0] and log["starts"] == [0] and len(log["seconds"]) == 4
+    hooks = [die_once_after(0, tmp_path / "fault-injected")]
+    state, log = run_distill(tmp_path / "data", tmp_path / "ray_results", "killed", epochs=4, hooks=hooks)
+    assert log["starts"] == [0, 1], "the worker group died after epoch 0 and resumed from its checkpoint"
+    assert len(log["loss"]) == 4 and len(log["seconds"]) == 4 and log["loss"][-1] < log["loss"][0]
     assert any(k.startswith("conv1") for k in state)  # plain (unwrapped) student state dict
     # a re-run of a finished run restores its last checkpoint and trains nothing more
-    state2, again = run_distill(tmp_path / "data", tmp_path / "ray_results", "t1", epochs=4)
+    state2, again = run_distill(tmp_path / "data", tmp_path / "ray_results", "killed", epochs=4, hooks=hooks)
     assert again == log and all((state2[k] == state[k]).all() for k in state)
-
-
-def test_ray_train_worker_killed_midway_resumes(local_ray, fmnist, tiny_teacher_ckpt, tmp_path):
-    write_distill_dir(tmp_path / "data", fmnist, tiny_teacher_ckpt)
-    state, log = run_distill(tmp_path / "data", tmp_path / "ray_results", "killed", epochs=3, fault=0)
-    assert log["starts"] == [0, 1], "the worker group died after epoch 0 and resumed from its checkpoint"
-    assert len(log["loss"]) == 3

@@ -1,12 +1,21 @@
-"""Sweeps on a module-scoped local Ray (2 CPUs): tiny trials over the three axes, the MLflow parent/child
-runs and their tags, shared teacher outputs, and a failing trial that is retried and reported."""
+"""Sweeps on the session's local Ray (2 CPUs): a tiny sweep over the three axes, started with `kt sweep`,
+SIGKILLed after its first finished trial and continued through the Python API (every trial ends exactly once,
+with one MLflow child run each); the MLflow parent/child runs and their tags, shared teacher outputs, the trials'
+students, and a failing trial that is retried and reported. (A trial that ASHA stopped before a kill is
+re-reported, not retrained: tests/unit/test_trial_resume.py.)"""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import mlflow
 import pytest
+import yaml
 
 import orchestrator
-from tests.conftest import TASK
+from tests.conftest import ROOT, TASK, run_kt
 from tests.pools import mixed_pool_images, write_webdataset
 
 pytestmark = pytest.mark.ray
@@ -42,8 +51,56 @@ def pool(tmp_path_factory, fmnist):
 
 
 @pytest.fixture(scope="module")
-def result(local_ray, storage, pool):
-    return orchestrator.sweep(tiny_space(pool), TASK, [f"storage={storage}"], smoke=True, name="tiny3")
+def killed(storage, pool, ray_cluster):
+    """`kt sweep` (joined to the session's Ray) SIGKILLed once its first trial has finished; returns the ids of
+    the trials that had finished by then."""
+    space = storage / "space.yaml"
+    space.write_text(yaml.safe_dump(tiny_space(pool)))
+    args = ["sweep", str(space), "--task", str(TASK), "--smoke", "--storage", str(storage), "--name", "tiny3"]
+    p = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    trials = storage / "sweeps" / "tiny3" / "trials"
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and not list(trials.glob("*/row.json")):
+            assert p.poll() is None, "kt sweep ended before its first trial finished"
+            time.sleep(0.5)
+        assert list(trials.glob("*/row.json")), "no trial finished in time"
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)  # the driver (its job's Ray workers go with it), nothing else
+        p.wait()
+    return {d.name for d in trials.iterdir() if (d / "row.json").exists()}
+
+
+@pytest.fixture(scope="module")
+def result(local_ray, storage, pool, killed):
+    """The killed sweep, continued in this process (``resume=True``)."""
+    return orchestrator.sweep(tiny_space(pool), TASK, [f"storage={storage}"], smoke=True, name="tiny3", resume=True)
+
+
+def test_killed_sweep_resumed_ends_every_trial_exactly_once(result, killed, storage):
+    rows = result.rows
+    assert len(rows) == 3 and killed <= {r["trial_id"] for r in rows} and len(killed) < 3
+    trials = result.sweep_dir / "trials"
+    for d in trials.iterdir():  # finished trials were not trained again; each trial trained to its end once
+        log = (d / "attempts.log").read_text()
+        assert log.count("finished") == 1, log
+        if d.name in killed:
+            assert log.count("start") == 1, log
+    client, runs = client_runs(result)
+    [parent] = [r for r in runs if r.data.tags.get("kt.kind") == "sweep"]  # the resumed run is the same parent
+    assert parent.info.run_id == result.parent_run_id
+    kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(k.data.tags["kt.trial_id"] for k in kids) == sorted(r["trial_id"] for r in rows)
+    timed = [r for r in rows if "time_trial_s" in r]  # trained by this driver (not re-reported from the killed one)
+    assert len(timed) >= 3 - len(killed)
+    for r in timed:  # each trial's parts (benchmarks/trial_overhead.py) add up within its wall time
+        parts = [r[k] for k in ("time_actor_start_s", "time_data_s", "time_setup_s", "time_worker_group_s",
+                                "time_distill_steps_s", "time_finetune_s", "time_evaluate_s", "time_save_s")]
+        assert min(parts) >= 0 and r["time_distill_steps_s"] > 0 and r["time_worker_group_s"] > 0, r
+        assert sum(parts) <= r["time_trial_s"] and r["time_tracking_s"] > 0, r
+    rep = run_kt("report", "tiny3", "--storage", str(storage), timeout=120)
+    assert rep.returncode == 0 and "best configuration per compute budget" in rep.stdout, rep.stderr[-2000:]
 
 
 def client_runs(result):

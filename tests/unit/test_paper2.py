@@ -1,6 +1,6 @@
 """Paper 2 (Borup et al., ICCV 2023): source weighting, DistillNearest / DistillWeighted / FixMatch end to end
-on tiny real data and tiny sources (in-process: Ray Data inference is replaced by the same predictor run here,
-which also counts the inference calls), the per-source cache, and every bad input named by the brief."""
+on tiny real data and tiny sources (in-process: source inference passes this small run in the driver, and a spy
+counts them), the per-source cache, and every bad input named by the brief."""
 from __future__ import annotations
 
 import numpy as np
@@ -32,20 +32,18 @@ def zoo(tmp_path_factory):
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Replace Ray Data teacher inference by the same TeacherPredictor in-process; returns the call log."""
-    from orchestrator.ray_adapters import data as ray_data
-    from orchestrator.stages.teacher_outputs import TeacherPredictor
+    """Log every source inference pass (each in this process: the passes are far below
+    teacher.inference_in_process_max_tflops); returns the call log."""
+    from orchestrator.stages import teacher_outputs
 
     log = []
+    real = teacher_outputs.teacher_outputs_in_process
 
-    def fake(checkpoint, images, out_dir, batch_size=512, actors=2, gpus_per_actor=0.0, features=False):
+    def spy(checkpoint, images, *args, **kwargs):
         log.append((checkpoint, len(images)))
-        pred = TeacherPredictor(checkpoint, device="cpu", features=True)
-        outs = [pred({"image": images[s:s + 64], "index": np.arange(s, min(s + 64, len(images)))})
-                for s in range(0, len(images), 64)]
-        return np.concatenate([o["logits"] for o in outs]), np.concatenate([o["features"] for o in outs])
+        return real(checkpoint, images, *args, **kwargs)
 
-    monkeypatch.setattr(ray_data, "teacher_inference", fake)
+    monkeypatch.setattr(teacher_outputs, "teacher_outputs_in_process", spy)
     return log
 
 

@@ -236,3 +236,33 @@ def test_standin_pretraining_uses_no_labels_and_learns(fmnist, tmp_path):
     assert losses[-1] < losses[0]
     assert t.head is None and t.preprocess.channels == 3 and t.preprocess.size == (16, 16)
     assert "STAND-IN" in t.provenance and "no target labels" in t.provenance
+
+
+def test_in_process_teacher_outputs_equal_the_reference_and_write_the_same_shards(fmnist, tiny_teacher_ckpt,
+                                                                                   tmp_path):
+    import pyarrow.parquet as pq
+
+    from orchestrator.stages.teacher_outputs import teacher_outputs_in_process
+
+    images = fmnist.train.images[:130]
+    logits, feats = teacher_outputs_in_process(str(tiny_teacher_ckpt), images, tmp_path / "shards", batch_size=64,
+                                               features=True)
+    np.testing.assert_allclose(logits, teacher_logits(str(tiny_teacher_ckpt), images), atol=1e-5)
+    assert feats.shape == (130, 64) and feats.dtype == np.float16
+    table = pq.read_table(next((tmp_path / "shards").glob("*.parquet")))
+    assert table["index"].to_pylist() == list(range(130))
+    np.testing.assert_allclose(np.stack(table["logits"].to_numpy(zero_copy_only=False)), logits, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode,images,flops,expected", [
+    ("auto", 1900, 15.7e6, 0),      # the smoke run: 0.03 TFLOPs, in this process
+    ("auto", 59_400, 63e6, 2),      # the demo: 3.7 TFLOPs, an actor pool
+    ("ray_data", 10, 1e6, 2), ("in_process", 10**7, 1e9, 0)])
+def test_small_inference_passes_run_in_process(mode, images, flops, expected):
+    from types import SimpleNamespace
+
+    from orchestrator.config import PipelineConfig
+    from orchestrator.methods.common import inference_actors
+
+    cfg = PipelineConfig.model_validate({"name": "t", "teacher": {"inference": mode}})
+    assert inference_actors(SimpleNamespace(cfg=cfg), images, flops, 2) == expected

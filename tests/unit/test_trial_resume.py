@@ -34,3 +34,13 @@ def test_finished_trial_re_reports_its_final_result(tmp_path):
     out = run_trial(SimpleNamespace(sweep_dir=str(tmp_path)), "t1", {}, reports.append)
     assert out["kt_final"] == 1.0 and out["val_top1"] == 0.5 and reports == [out]
     assert (tdir / "attempts.log").read_text().count("start") == 1
+
+
+def test_trial_reports_are_logged_at_their_distillation_epoch():
+    """MLflow steps follow the epoch, not Tune's training_iteration, which restarts at 1 when a resumed sweep
+    runs a trial again while its Ray Train run resumes from a later epoch."""
+    from orchestrator.ray_adapters.tune import result_step
+
+    assert result_step({"epoch": 2, "training_iteration": 1}) == 2
+    assert result_step({"kt_final": 1.0, "distill_epochs": 2.0, "training_iteration": 2}) == 3
+    assert result_step({"kt_final": 1.0, "distill_epochs": 0.0, "training_iteration": 1}) == 1  # supervised
