@@ -47,3 +47,4 @@ bench: setup
 	$(BIN)/python benchmarks/retrieval.py
 	$(BIN)/python benchmarks/sweep_cache.py
 	$(BIN)/python benchmarks/train_overhead.py
+	$(BIN)/python benchmarks/trial_overhead.py
