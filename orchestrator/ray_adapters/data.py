@@ -36,7 +36,7 @@ def teacher_inference(checkpoint: str, images: np.ndarray, out_dir: Path, batch_
     """
     import ray
 
-    from orchestrator.stages.teacher_outputs import TeacherPredictor, order_logits, write_shards
+    from orchestrator.stages.teacher_outputs import TeacherPredictor, write_outputs
 
     ensure_ray()
     ds = images_dataset(images, blocks=max(actors * 4, len(images) // 4096))
@@ -44,18 +44,4 @@ def teacher_inference(checkpoint: str, images: np.ndarray, out_dir: Path, batch_
         TeacherPredictor, fn_constructor_kwargs={"checkpoint": checkpoint, "num_threads": 1, "features": features},
         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=batch_size, batch_format="numpy",
         num_cpus=1, num_gpus=gpus_per_actor)
-    feats: list[np.ndarray] = []
-
-    def batches():  # features stay in memory (float16); the shards hold (index, logits)
-        for b in out.iter_batches(batch_size=None, batch_format="numpy"):
-            if features:
-                feats.append(b.pop("features"))
-            yield b
-
-    index, logits = write_shards(batches(), out_dir)
-    ordered = order_logits(index, logits, len(images), str(out_dir))
-    if not features:
-        return ordered
-    f = np.empty((len(images), feats[0].shape[1]), np.float16)  # (N, D) float16
-    f[index] = np.concatenate(feats)
-    return ordered, f
+    return write_outputs(out.iter_batches(batch_size=None, batch_format="numpy"), out_dir, len(images), features)

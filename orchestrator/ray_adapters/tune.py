@@ -173,9 +173,7 @@ class TrialLedger(tune.Callback):
         start, now = self._started.get(trial.trial_id), time.time()
         if start is None or out.get("time_started_unix", 0.0) < start:  # a result re-reported from an earlier run
             return out
-        steps = sum(out.get(k, 0.0) for k in ("time_data_s", "time_setup_s", "time_worker_group_s",
-                                               "time_distill_steps_s", "time_finetune_s", "time_evaluate_s",
-                                               "time_save_s"))
+        steps = sum(v for k, v in out.items() if k.endswith("_s"))  # the trial's own parts, all seconds
         actor = out["time_started_unix"] - start
         return {**out, "time_actor_start_s": actor, "time_result_s": max(0.0, now - start - actor - steps),
                 "time_tracking_s": self._tracking.get(trial.trial_id, 0.0), "time_trial_s": now - start}

@@ -62,17 +62,30 @@ def teacher_outputs_in_process(checkpoint: str, images: np.ndarray, out_dir: Pat
     """What the Ray Data adapter's ``teacher_inference`` returns and writes (the same parquet shards of
     ``(index, logits)`` under ``out_dir``), computed in this process: for passes too small to repay an actor
     pool's start-up. Returns (N, K) float32 logits, or with ``features`` (logits, (N, D) float16 features)."""
+    return write_outputs(_batches(TeacherPredictor(checkpoint, features=features), images, batch_size), out_dir,
+                         len(images), features)
+
+
+def write_outputs(batches, out_dir: Path, n: int, features: bool = False):
+    """Predictor batches (``{"index", "logits"[, "features"]}``, any order) of ``n`` images -> the (index,
+    logits) parquet shards under ``out_dir`` (:func:`write_shards`) and the outputs in image order: (n, K)
+    float32 logits, or with ``features`` (logits, (n, D) float16 features). Raises ValueError (from
+    :func:`order_logits`) if any image is missing or repeated."""
     feats: list[np.ndarray] = []
 
-    def batches():
-        for b in _batches(TeacherPredictor(checkpoint, features=features), images, batch_size):
+    def logit_batches():  # features stay in memory (float16); the shards hold (index, logits)
+        for b in batches:
             if features:
                 feats.append(b.pop("features"))
             yield b
 
-    index, logits = write_shards(batches(), out_dir)
-    ordered = order_logits(index, logits, len(images), str(out_dir))
-    return (ordered, np.concatenate(feats)) if features else ordered
+    index, logits = write_shards(logit_batches(), out_dir)
+    ordered = order_logits(index, logits, n, str(out_dir))
+    if not features:
+        return ordered
+    f = np.empty((n, feats[0].shape[1]), np.float16)  # (n, D) float16
+    f[index] = np.concatenate(feats)
+    return ordered, f
 
 
 def order_logits(index: np.ndarray, logits: np.ndarray, n: int, where: str) -> np.ndarray:

@@ -73,7 +73,6 @@ def prepare(name: str, space: SearchSpace, base: dict, parent_tracker, sweep_dir
               else "cpu", task, split, nested_stages=False)
     stage_data(ctx, dcomp)
     sets: dict[str, dict] = {}
-    passes = 0
     if any(METHODS.get(m).uses_teacher for m in sweep_methods(space, base)):
         stage_teacher(ctx)
         stage_adapt(ctx)
@@ -88,7 +87,6 @@ def prepare(name: str, space: SearchSpace, base: dict, parent_tracker, sweep_dir
             ts = stage_transfer_set(ctx, record_as=f"transfer_set_{i}")
             entry = stage_teacher_outputs(ctx, ts, record_as=f"teacher_inference_{i}")
             n = int(ctx.stages[f"teacher_inference_{i}"]["teacher_forward_passes"])
-            passes += n
             sets[slot] = {"dir": str(entry), "key": ts.key, "source": ts.source, "description": ts.description,
                           "size": len(ts), "labels": labels, "teacher_forward_passes": n,
                           "keys": {k: ctx.keys[k] for k in ("transfer_set", "teacher_outputs")}}
