@@ -15,10 +15,16 @@ nodes): :meth:`Cache.incremental` first downloads the parts already published re
 lacks, so a job resumed on another node sees them as done with its usual local checks; each finished part is
 uploaded with :meth:`Cache.publish_part` (data files before the file that marks the part done);
 :meth:`Cache.complete` gathers the remaining parts both ways, then uploads ``_meta.json`` and ``_COMPLETE``.
+
+Two processes of one node that need the same missing entry take turns (:meth:`Cache.claim`, an advisory
+``flock`` under ``<root>/.locks``, released by the kernel when its holder dies): the first builds it, the
+other waits and reuses it. Across nodes the atomic commit still keeps one copy, though both may build it.
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -29,6 +35,7 @@ from typing import Iterator
 from orchestrator import storage as st
 
 COMPLETE, META = "_COMPLETE", "_meta.json"
+log = logging.getLogger(__name__)
 
 
 def write_atomic(path: Path, data: bytes | str) -> Path:
@@ -120,6 +127,39 @@ class Cache:
             return p
         self.misses[kind] = self.misses.get(kind, 0) + 1
         return None
+
+    @contextmanager
+    def lock(self, name: str, key: str) -> Iterator[None]:
+        """Hold this node's exclusive lock ``(name, key)`` (``<root>/.locks/<name>-<key>.lock``, ``flock``):
+        another process holding it is waited for, with a log line. The kernel releases it when the holder
+        exits, killed or not, so a crashed run never leaves a stale lock. Not re-entrant within a process."""
+        path = self.root / ".locks" / f"{name}-{key}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("another run on this node is building %s %s: waiting for it, then reusing it", name, key)
+                fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
+    @contextmanager
+    def claim(self, kind: str, key: str) -> Iterator[Path | None]:
+        """:meth:`lookup` the entry; on a miss, hold its build :meth:`lock` and look again (another run may
+        have built it meanwhile: then it counts as a hit). Yields the entry, or None: build it (:meth:`write`)
+        inside the ``with``, while the lock is held."""
+        hit = self.lookup(kind, key)
+        if hit is not None:
+            yield hit
+            return
+        with self.lock(kind, key):
+            p = self.path(kind, key)
+            if (p / COMPLETE).is_file() or (self.remote is not None and self._fetch(kind, key)):
+                self.misses[kind] -= 1
+                self.hits[kind] = self.hits.get(kind, 0) + 1
+                yield p
+            else:
+                yield None
 
     def _fetch(self, kind: str, key: str) -> bool:
         """Download the remote entry into the mirror if it is complete there; True if it was."""

@@ -137,7 +137,7 @@ def run_stage(ctx, name: str, body: Callable[[Path | None, StageCompute], Any] |
     """Run stage ``name`` for the run context ``ctx`` (an :class:`orchestrator.run_context.Ctx`).
 
     The key comes from :func:`stage_key` and is stored in ``ctx.keys[name]``. For a cached stage, a complete
-    entry is reused; otherwise ``body(tmp_dir, compute)`` writes the entry's files into ``tmp_dir`` (renamed
+    entry is reused (one that another run of this node is building is waited for: :meth:`Cache.claim`); otherwise ``body(tmp_dir, compute)`` writes the entry's files into ``tmp_dir`` (renamed
     into place only when it returns) and may return a dict for the entry's metadata. For an uncached stage
     ``body(None, compute)`` returns the stage's value. ``compute`` is metered (wall and CPU seconds, devices);
     the body adds images and FLOPs. ``after(run)`` may return extra numbers to record (e.g. an evaluation);
@@ -159,16 +159,16 @@ def run_stage(ctx, name: str, body: Callable[[Path | None, StageCompute], Any] |
     else:
         from orchestrator.run_context import cached_compute
 
-        hit = ctx.cache.lookup(stage.kind, key)
         value = None
-        if hit is None:
-            meta: dict = {"stage": name, "inputs": stage_inputs(stage, ctx.cfg, ctx.keys, content)}
-            with ctx.cache.write(stage.kind, key, meta) as tmp:
-                with Meter(devices=devices) as m:
-                    value = body(tmp, m.result)
-                if isinstance(value, dict):
-                    meta.update(value)
-                meta["compute"] = m.result.to_dict()
+        with ctx.cache.claim(stage.kind, key) as hit:  # two runs of a node needing it: one builds, one reuses
+            if hit is None:
+                meta: dict = {"stage": name, "inputs": stage_inputs(stage, ctx.cfg, ctx.keys, content)}
+                with ctx.cache.write(stage.kind, key, meta) as tmp:
+                    with Meter(devices=devices) as m:
+                        value = body(tmp, m.result)
+                    if isinstance(value, dict):
+                        meta.update(value)
+                    meta["compute"] = m.result.to_dict()
         entry = ctx.cache.path(stage.kind, key)
         run = StageRun(key, entry, hit is not None, cached_compute(entry), value)
     run.extra = after(run) if after else {}

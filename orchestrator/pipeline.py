@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 
 import yaml
 
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def open_session(cfg: PipelineConfig, kind: str):
     """What a run, a comparison or a source ranking opens first: its directory
-    ``<storage>/<kind>/<name>-<YYYYmmdd-HHMMSS>``, the MLflow store (``tracking.tracking_uri``, else the sqlite
+    ``<storage>/<kind>/<name>-<YYYYmmdd-HHMMSS>`` (:func:`new_dir`), the MLflow store (``tracking.tracking_uri``, else the sqlite
     file under the storage root) and its Tracker, and the device ("cuda" when visible, else "cpu").
     Returns (dir, tracking URI, Tracker, device)."""
     import torch
@@ -29,11 +30,24 @@ def open_session(cfg: PipelineConfig, kind: str):
     from orchestrator.tracking import Tracker, default_tracking_uri
 
     storage = cfg.storage_path()
-    out_dir = storage / kind / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = new_dir(storage / kind, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     uri = cfg.tracking.tracking_uri or default_tracking_uri(storage)
     return out_dir, uri, Tracker(uri, cfg.tracking.experiment, storage / "mlartifacts"), (
         "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def new_dir(parent: Path, name: str) -> Path:
+    """Create and return ``parent/name``, or ``name-2``, ``name-3``... when taken: two runs started in the same
+    second (side by side on one machine) get directories of their own (``mkdir`` is atomic)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for i in range(1, 1000):
+        d = parent / (name if i == 1 else f"{name}-{i}")
+        try:
+            d.mkdir()
+            return d
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{parent / name}: 999 directories of that name exist; clean up {parent}")
 
 
 def run(config: PipelineConfig) -> RunResult:

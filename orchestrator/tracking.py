@@ -22,6 +22,23 @@ def default_tracking_uri(storage: Path) -> str:
     return os.environ.get("KT_TRACKING_URI") or f"sqlite:///{(storage / 'mlflow.db').resolve()}"
 
 
+@contextmanager
+def store_lock(tracking_uri: str) -> Iterator[None]:
+    """For a ``sqlite:///`` store: hold an exclusive ``flock`` on ``<db>.lock`` (processes of one machine take
+    turns creating the database's tables and the experiment; concurrent first use otherwise fails with
+    "table ... already exists" or a duplicate experiment). A no-op for other stores (a server serialises)."""
+    import fcntl
+
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(tracking_uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     """{"a": {"b": 1}} -> {"a.b": 1} (lists and None as strings), for MLflow params."""
     out: dict[str, Any] = {}
@@ -48,6 +65,11 @@ class Tracker:
         self.mlflow = mlflow
         self.uri = tracking_uri
         mlflow.set_tracking_uri(tracking_uri)
+        with store_lock(tracking_uri):  # two runs opening a new sqlite store: one creates its tables
+            self._open_experiment(experiment, artifact_root)
+
+    def _open_experiment(self, experiment: str, artifact_root: Path | None) -> None:
+        mlflow, tracking_uri = self.mlflow, self.uri
         exp = mlflow.get_experiment_by_name(experiment)
         if exp is None:
             loc = artifact_root.resolve().as_uri() if artifact_root else None

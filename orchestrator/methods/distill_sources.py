@@ -81,13 +81,13 @@ def stage_multi_distill(ctx, weights: dict[str, float], entries: dict):
             from orchestrator.ray_adapters.multi_train import multi_distill_ray
             from orchestrator.storage import join
 
-            world = s.distill.num_workers
-            state, tlog = multi_distill_ray(
-                [{"name": n, "weight": weights[n], "entry": ctx.cache_ref(entries[n])} for n in names],
-                {"images": labeled.images, "labels": labeled.labels}, cfg.student.id, cfg.student.model_kwargs,
-                task.num_classes, pre.to_dict(), s.model_dump(mode="json"), cfg.seed,
-                join(cfg.storage_uri(), "ray_results"), f"multi_distill-{ctx.keys['multi_distill']}",
-                ctx.cpus_per_worker)
+            world, key = s.distill.num_workers, ctx.keys["multi_distill"]
+            with ctx.cache.lock("ray_train-multi_distill", key):  # one Ray Train run dir per key on this node
+                state, tlog = multi_distill_ray(
+                    [{"name": n, "weight": weights[n], "entry": ctx.cache_ref(entries[n])} for n in names],
+                    {"images": labeled.images, "labels": labeled.labels}, cfg.student.id, cfg.student.model_kwargs,
+                    task.num_classes, pre.to_dict(), s.model_dump(mode="json"), cfg.seed,
+                    join(cfg.storage_uri(), "ray_results"), f"multi_distill-{key}", ctx.cpus_per_worker)
             student.load_state_dict(student_state(state))
         per_img = train_flops(student, (pre.channels, *pre.size))
         steps = steps_per_epoch(n_img, s.distill.batch_size, world) * world * len(tlog["loss"])

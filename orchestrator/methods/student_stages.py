@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -54,13 +54,18 @@ def stage_distill(ctx: Ctx, outputs: Path, name: str = "distill", record_as: str
 
     def body(_, c: StageCompute):
         key = ctx.keys[name]
-        state, tlog = distill_ray(
-            data, cfg.student.id, cfg.student.model_kwargs, task.num_classes, pre.to_dict(),
-            cfg.distill.model_dump(mode="json"), cfg.seed, hooks.get("storage") or join(cfg.storage_uri(), "ray_results"),
-            hooks.get("run_name") or f"{name}-{key}", world, cfg.distill.use_gpu, cpus_per_worker=ctx.cpus_per_worker,
-            teacher_checkpoint={**ctx.cache_ref(ctx.adapted.parent), "file": ctx.adapted.name} if online else None,
-            callbacks=hooks.get("callbacks"), extra_metrics=hooks.get("extra_metrics"),
-            augment=cfg.data.augment_policy().model_dump(mode="json"))
+        run_name = hooks.get("run_name") or f"{name}-{key}"
+        # two runs of this node with the same key would share the Ray Train run dir: the second waits, then resumes
+        # the finished run from its last checkpoint (a sweep trial's run is named after the trial: no lock)
+        with ctx.cache.lock(f"ray_train-{name}", key) if not hooks.get("run_name") else nullcontext():
+            state, tlog = distill_ray(
+                data, cfg.student.id, cfg.student.model_kwargs, task.num_classes, pre.to_dict(),
+                cfg.distill.model_dump(mode="json"), cfg.seed,
+                hooks.get("storage") or join(cfg.storage_uri(), "ray_results"), run_name, world, cfg.distill.use_gpu,
+                cpus_per_worker=ctx.cpus_per_worker,
+                teacher_checkpoint={**ctx.cache_ref(ctx.adapted.parent), "file": ctx.adapted.name} if online else None,
+                callbacks=hooks.get("callbacks"), extra_metrics=hooks.get("extra_metrics"),
+                augment=cfg.data.augment_policy().model_dump(mode="json"))
         student = create_student(cfg.student.id, task.num_classes, pre, cfg.student.model_kwargs)
         student.load_state_dict(student_state(state))
         per_img = train_flops(student, (pre.channels, *pre.size))

@@ -9,10 +9,10 @@ log = logging.getLogger(__name__)
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
-    """Join ``$RAY_ADDRESS`` (a cluster, or inside a Ray Job) or start a local Ray.
+    """Join ``$RAY_ADDRESS`` (a cluster, or inside a Ray Job) or start a local Ray (:func:`_start_local`).
 
-    Local Ray gets 2 GiB of object store (docker's small /dev/shm otherwise makes ``ray.init`` fail) and its
-    dashboard on 127.0.0.1 only (Ray Train's state queries need it). Ray Data progress bars only on a terminal.
+    Ray Data progress bars only on a terminal; the application's logging kept (Ray's LoggingConfig resets the
+    root logger); one line says which Ray this process uses.
     """
     import ray
 
@@ -22,13 +22,14 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_INTERVAL_S)
     root = logging.getLogger()
     level, handlers = root.level, list(root.handlers)
+    if _PINNED is not None and os.environ.get("RAY_ADDRESS") == _PINNED:  # ours, shut down since: start another
+        os.environ.pop("RAY_ADDRESS")
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        where = f"Ray at {os.environ['RAY_ADDRESS']}"
     else:
-        # address="local": always a new local Ray, never a cluster some earlier `ray start` left registered
-        ray.init(address="local", num_cpus=num_cpus, object_store_memory=2 * 1024**3, dashboard_host="127.0.0.1",
-                 logging_config=ray.LoggingConfig(log_level="WARNING"))
-    if handlers:  # LoggingConfig resets the driver's root logger to WARNING: keep the application's logging
+        where = _start_local(num_cpus)
+    if handlers:
         root.setLevel(level)
         root.handlers[:] = handlers
         logging.getLogger("ray").setLevel(logging.WARNING)
@@ -37,7 +38,45 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if not ctx.enable_progress_bars:  # off on purpose in a log file: no "Progress bars disabled" warning
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     ctx.print_on_execution_start = False
-    log.info("ray resources: %s", ray.cluster_resources())
+    log.info("%s; resources: %s", where, ray.cluster_resources())
+
+
+_GCS_PORT = "RAY_GCS_SERVER_PORT"  # read by Ray when it starts a head node
+_PINNED: str | None = None  # the $RAY_ADDRESS this process set for the local Ray it started
+
+
+def _start_local(num_cpus: int | None) -> str:
+    """Start a new local Ray (``address="local"``: never a cluster some earlier `ray start` left registered),
+    pinned (:func:`_pin_local_address`), with 2 GiB of object store (docker's small /dev/shm otherwise makes
+    ``ray.init`` fail) and its dashboard on 127.0.0.1 only (Ray Train's state queries need it). Returns where
+    it runs (GCS address, dashboard URL), for the log."""
+    import ray
+
+    global _PINNED
+    _PINNED = _pin_local_address()
+    try:
+        info = ray.init(address="local", num_cpus=num_cpus, object_store_memory=2 * 1024**3,
+                        dashboard_host="127.0.0.1", logging_config=ray.LoggingConfig(log_level="WARNING"))
+    finally:
+        os.environ.pop(_GCS_PORT, None)
+    return f"local Ray at {_PINNED}, dashboard http://{info.dashboard_url}"
+
+
+def _pin_local_address() -> str:
+    """Choose a free port for the GCS of the local Ray about to start, and set ``$RAY_ADDRESS`` and
+    ``$RAY_GCS_SERVER_PORT`` to it (``ray.init(address="local")`` ignores the first; the Ray it starts, and so
+    every worker process, inherits it). This process and every process of that Ray (Ray Train's state actor and
+    controller, whose State API calls otherwise auto-detect "the" local cluster and fail with "Found multiple
+    active Ray instances" when two runs share a machine) then talk to this Ray only; so would a subprocess this
+    process starts. Returns the address (``127.0.0.1:PORT``)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ[_GCS_PORT] = str(port)
+    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+    return os.environ["RAY_ADDRESS"]
 
 
 def quiet_train_worker() -> None:

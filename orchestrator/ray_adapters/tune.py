@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 from ray import tune  # this module is the Tune adapter: imported only when a sweep runs
 
@@ -93,16 +94,17 @@ def run_tune(sctx, run_trial, max_epochs: int, callbacks: list, resume: bool):
 class TrialLedger(tune.Callback):
     """Driver-side Tune callback: one MLflow child run per trial (params, per-epoch metrics, compute, tags
     linking it to the teacher, transfer set and cache keys) under the sweep's parent run, and a row per
-    trial in ``<sweep_dir>/trials/<id>/row.json`` (status completed/stopped/error, metrics, params).
+    trial in ``<sweep_dir>/trials/<id>/row.json`` (status completed/stopped/error, metrics, params), built by
+    ``row(trial_id, status, result, params, error)`` (the application's, passed in).
 
     Child runs are found again by their ``kt.trial_id`` tag, so a resumed sweep never duplicates them.
     MLflow is written from the driver only (a sqlite store need not be visible to worker nodes).
     """
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep_dir: str, sweep: str,
-                 total: int = 0):
+                 row: Callable[..., dict], total: int = 0):
         self.uri, self.experiment_id, self.parent = tracking_uri, experiment_id, parent_run_id
-        self.sweep_dir, self.sweep, self.total = sweep_dir, sweep, total
+        self.sweep_dir, self.sweep, self.total, self.row_of = sweep_dir, sweep, total, row
         self._client = None
         self._runs: dict[str, str] = {}
         self._done: set[str] = set()
@@ -153,13 +155,7 @@ class TrialLedger(tune.Callback):
         from orchestrator.cache import write_atomic
 
         res = dict(trial.last_result or {})
-        keep = ("val_top1", "test_top1", "student_flops", "device_seconds", "train_flops", "images_seen",
-                "distilled_val_top1", "distilled_test_top1", "student_params", "transfer_set_size",
-                "teacher_forward_passes", "epoch", "distill_restarts")
-        tags = res.get("kt_tags") or {}
-        row = {"trial_id": trial.trial_id, "status": status, **{k: res.get(k) for k in keep},
-               "params": dict(trial.config), "tags": tags, "reused_from": tags.get("reused_from"), "error": error,
-               **self._timing(trial, res)}
+        row = {**self.row_of(trial.trial_id, status, res, dict(trial.config), error), **self._timing(trial, res)}
         d = Path(self.sweep_dir) / "trials" / trial.trial_id
         d.mkdir(parents=True, exist_ok=True)
         write_atomic(d / "row.json", json.dumps(row, indent=1, default=str))

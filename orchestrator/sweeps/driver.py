@@ -173,8 +173,9 @@ def sweep(space: str | Path | dict, task: str | Path | dict, overrides: list[str
         write_atomic(sweep_dir / "transfer_sets.json", json.dumps(sctx.transfer_sets, indent=1, default=str))
         from orchestrator.ray_adapters.tune import TrialLedger, run_tune
 
-        ledger = TrialLedger(uri, tracker.experiment_id, parent, str(sweep_dir), name, sp.search.num_trials)
-        from orchestrator.sweeps.trial import run_trial
+        from orchestrator.sweeps.trial import run_trial, trial_row
+
+        ledger = TrialLedger(uri, tracker.experiment_id, parent, str(sweep_dir), name, trial_row, sp.search.num_trials)
 
         run_tune(sctx, run_trial, _max_epochs(sp, base), [ledger], resume=bool(state))
         rows = load_rows(sweep_dir)
@@ -199,9 +200,19 @@ def _check_state(state_file: Path, name: str, spec: str, resume: bool) -> dict:
 
 
 def load_rows(sweep_dir: Path) -> list[dict]:
-    """Every trial's row (written by the driver's ledger), oldest first."""
-    rows = [json.loads(p.read_text()) for p in sorted((sweep_dir / "trials").glob("*/row.json"))]
-    return sorted(rows, key=lambda r: r["trial_id"])
+    """Every ended trial's row, by trial id: the one the driver's ledger wrote (``row.json``), except that a
+    trial's commit (``final.json``) wins over a missing or not-completed row (the driver died between the two:
+    :func:`orchestrator.sweeps.trial.committed_row`)."""
+    from orchestrator.sweeps.trial import committed_row
+
+    rows = []
+    for tdir in sorted(d for d in (sweep_dir / "trials").glob("*") if d.is_dir()):
+        row = json.loads((tdir / "row.json").read_text()) if (tdir / "row.json").is_file() else None
+        if row is None or row["status"] != "completed":
+            row = committed_row(tdir) or row
+        if row is not None:
+            rows.append(row)
+    return rows
 
 
 def summarise(rows: list[dict], space: SearchSpace, sweep_dir: Path, tracker, wall: float) -> dict[str, float]:

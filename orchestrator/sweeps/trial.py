@@ -54,6 +54,32 @@ def trial_config(sctx: SweepContext, labels: dict[str, Any]) -> PipelineConfig:
     return resolve_config(apply_overrides(sctx.base, sctx.space.overrides(labels)), source=f"(sweep {sctx.name} trial)")
 
 
+ROW_METRICS = ("val_top1", "test_top1", "student_flops", "device_seconds", "train_flops", "images_seen",
+               "distilled_val_top1", "distilled_test_top1", "student_params", "transfer_set_size",
+               "teacher_forward_passes", "epoch", "distill_restarts")
+
+
+def trial_row(trial_id: str, status: str, result: dict, params: dict, error: str | None = None) -> dict:
+    """A trial's row in the sweep's ledger (``trials/<id>/row.json``, the CSV, `kt report`): its status
+    (completed/stopped/error), the metrics of ``result`` (a Tune report: :data:`ROW_METRICS`, ``time_*`` parts),
+    the drawn ``params``, its tags and the error line."""
+    tags = result.get("kt_tags") or {}
+    return {"trial_id": trial_id, "status": status, **{k: result.get(k) for k in ROW_METRICS}, "params": params,
+            "tags": tags, "reused_from": tags.get("reused_from"), "error": error,
+            **{k: v for k, v in result.items() if k.startswith("time_")}}
+
+
+def committed_row(tdir: Path) -> dict | None:
+    """The row of a trial from its commit, ``final.json`` (written by the trial, atomically, once it ended;
+    the one truth of "finished"), or None if it has not finished. Rows the driver's ledger wrote are derived
+    from the same report; this one stands in when the driver died before writing its row."""
+    done = tdir / "final.json"
+    if not done.is_file():
+        return None
+    final = json.loads(done.read_text())
+    return trial_row(tdir.name, "completed", final, final.get("kt_params") or {})
+
+
 def _attempt(tdir: Path, what: str) -> None:
     with open(tdir / "attempts.log", "a") as f:
         f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {what}\n")
@@ -106,7 +132,9 @@ def run_trial(sctx: SweepContext, trial_id: str, labels: dict[str, Any], report:
     epoch checkpoint) and reports every epoch through ``callbacks`` (Tune's TuneReportCallback); the
     finetune stage (paper stage 3) and evaluation run here. The final report has ``val_top1`` (after
     finetuning: the objective), ``test_top1``, ``student_flops`` (forward FLOPs per image), ``device_seconds``
-    (distill + finetune), ``train_flops``, ``images_seen``, ``kt_final`` = 1 and ``kt_tags`` (str values).
+    (distill + finetune), ``train_flops``, ``images_seen``, ``kt_final`` = 1, ``kt_tags`` (str values) and
+    ``kt_params`` (the drawn labels). Its commit is ``trials/<id>/final.json``, written atomically before the
+    report: once it exists, the trial is finished for resume and the ledger (:func:`committed_row`).
     A trial whose configuration equals a finished trial's reuses that result (tag ``reused_from``).
 
     Raises:
@@ -131,7 +159,7 @@ def run_trial(sctx: SweepContext, trial_id: str, labels: dict[str, Any], report:
         twin = finished_twin(Path(sctx.sweep_dir), tdir, cfg)
         if twin is not None:  # samplers can draw a configuration again (NSGA-II children, TPE on categoricals)
             log.info("trial %s has the configuration of finished trial %s: its result is reused", trial_id, twin.name)
-            final = {**json.loads((twin / "final.json").read_text()), "reused_result": 1.0}
+            final = {**json.loads((twin / "final.json").read_text()), "reused_result": 1.0, "kt_params": dict(labels)}
             final["kt_tags"] = {**final["kt_tags"], "reused_from": twin.name, "trial_dir": str(tdir)}
             if (twin / "student.pt").is_file():  # the same training: the same student, kept here too
                 write_atomic(tdir / "student.pt", (twin / "student.pt").read_bytes())
@@ -140,6 +168,7 @@ def run_trial(sctx: SweepContext, trial_id: str, labels: dict[str, Any], report:
         else:
             _attempt(tdir, "start")
             final = _train(sctx, cfg, trial_id, tdir, callbacks, started)
+            final["kt_params"] = dict(labels)
             _attempt(tdir, "finished")
             log.info("trial %s: val top-1 %.4f, test top-1 %.4f", trial_id, final["val_top1"], final["test_top1"])
         write_atomic(done, json.dumps(final, indent=1))

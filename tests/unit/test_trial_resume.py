@@ -44,3 +44,28 @@ def test_trial_reports_are_logged_at_their_distillation_epoch():
     assert result_step({"epoch": 2, "training_iteration": 1}) == 2
     assert result_step({"kt_final": 1.0, "distill_epochs": 2.0, "training_iteration": 2}) == 3
     assert result_step({"kt_final": 1.0, "distill_epochs": 0.0, "training_iteration": 1}) == 1  # supervised
+
+
+def test_a_trial_committed_before_its_row_is_in_the_ledger(tmp_path):
+    """The driver died after a trial wrote its commit (final.json) but before the ledger wrote its row (or after
+    an earlier "stopped" row): the sweep's rows, CSV and `kt report` take the trial as completed from its commit;
+    a trial without a commit or a row (still running at the kill) is not a row."""
+    from orchestrator.sweeps.driver import load_rows
+
+    trials = tmp_path / "trials"
+    final = {"val_top1": 0.61, "test_top1": 0.6, "student_flops": 1e6, "kt_final": 1.0, "time_data_s": 0.5,
+             "kt_tags": {"student": "timm/resnet10t"}, "kt_params": {"student": "r10t"}}
+    (trials / "a").mkdir(parents=True)
+    (trials / "a" / "final.json").write_text(json.dumps(final))  # committed, no row
+    (trials / "b").mkdir()  # an early-stop row and no commit: stays stopped
+    (trials / "b" / "row.json").write_text(json.dumps({"trial_id": "b", "status": "stopped", "val_top1": 0.3}))
+    (trials / "c").mkdir()  # started, killed before anything
+    (trials / "d").mkdir()
+    (trials / "d" / "final.json").write_text(json.dumps(final))
+    (trials / "d" / "row.json").write_text(json.dumps({"trial_id": "d", "status": "completed", "val_top1": 0.61}))
+    rows = load_rows(tmp_path)
+    assert [(r["trial_id"], r["status"]) for r in rows] == [("a", "completed"), ("b", "stopped"), ("d", "completed")]
+    a = rows[0]
+    assert a["val_top1"] == 0.61 and a["params"] == {"student": "r10t"} and a["time_data_s"] == 0.5
+    assert a["tags"] == {"student": "timm/resnet10t"} and a["error"] is None
+    assert rows[2] == {"trial_id": "d", "status": "completed", "val_top1": 0.61}  # the ledger's row, as written
