@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TASK ?= tasks/fashion_mnist.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup data demo demo-run demo-retrieval test bench clean-cache
+.PHONY: setup data demo demo-run demo-retrieval test bench soak clean-cache
 
 $(BIN)/kt: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -41,6 +41,10 @@ demo-retrieval: setup
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# SIGKILL a sweep, a run, a Ray Train worker and a worker node at 13 points, resume, check the invariants
+soak: setup
+	$(BIN)/python benchmarks/fault_soak.py
 
 bench: setup
 	$(BIN)/python benchmarks/teacher_inference.py

@@ -113,8 +113,11 @@ def torch_trainer(train_fn, **kwargs):
     lives. Stopping it at the end of every ``fit()`` waits for a State API query that, on a 2-core machine,
     does not answer in time: every run then paid 12 s (a trivial 2-worker ``fit()``: 36 s with it, 22-24 s
     without; ``benchmarks/train_overhead.py``) and printed a traceback. Here the driver owns the controller, and
-    Ray releases a job's placement groups when the job ends.
+    Ray releases a job's placement groups when the job ends; a placement group left by an attempt whose
+    controller died (a lost node) is removed when the run starts again (:func:`free_left_placement_group`).
     """
+    import functools
+
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
@@ -123,7 +126,63 @@ def torch_trainer(train_fn, **kwargs):
             return [c for c in super()._create_default_callbacks()
                     if not isinstance(c, PlacementGroupCleanerCallback)]
 
+    rc = kwargs.get("run_config")
+    if rc is not None and rc.name:  # what the cleaner did, for the one case that needs it (a run started again)
+        key = f"{_PG_KEYS}{rc.storage_path}/{rc.name}"
+        free_left_placement_group(key)
+        train_fn = functools.partial(_recording_placement_group, key, train_fn)
     return _Trainer(train_fn, **kwargs)
+
+
+_PG_KEYS = "kt/train_placement_group/"  # + "<storage path>/<run name>" in Ray's internal KV: a run's worker group
+
+
+def free_run_placement_groups(run_name: str) -> int:
+    """:func:`free_left_placement_group` for every recorded Ray Train run named ``run_name`` (a sweep trial's
+    run is named after the trial): called by the sweep driver when a trial failed, so that the CPUs of the
+    worker group its dead controller left (a lost node) go back to the trials still running. Returns how many
+    were removed."""
+    from ray.experimental.internal_kv import _internal_kv_list
+
+    keys = [k.decode() for k in _internal_kv_list(_PG_KEYS)]
+    return sum(free_left_placement_group(k) for k in keys if k.endswith(f"/{run_name}"))
+
+
+def _recording_placement_group(key: str, train_fn, config: dict):
+    """A Ray Train worker's loop, rank 0 first recording its worker group's placement group under ``key`` in
+    Ray's internal KV store (on the head node: it outlives any worker node)."""
+    import ray.train
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    if ray.train.get_context().get_world_rank() == 0:
+        pg = ray.util.get_current_placement_group()
+        if pg is not None:
+            _internal_kv_put(key, pg.id.hex(), overwrite=True)
+    return train_fn(config)
+
+
+def free_left_placement_group(key: str) -> bool:
+    """Remove the placement group that an earlier attempt of this Ray Train run recorded under ``key``
+    (:func:`_recording_placement_group`) if it still holds resources. A worker group's placement group belongs
+    to the job, not to the controller that made it: when a node's loss kills the controller, Ray reschedules the
+    group onto the nodes left, where it holds the CPUs that the run's next attempt waits for (a retried sweep
+    trial then waits forever). Returns whether one was removed."""
+    from ray._raylet import PlacementGroupID
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    hex_id = _internal_kv_get(key)
+    if not hex_id:
+        return False
+    pg = PlacementGroup(PlacementGroupID(bytes.fromhex(hex_id.decode())))
+    state = (placement_group_table(pg) or {}).get("state")
+    _internal_kv_del(key)
+    if state in (None, "REMOVED"):  # the earlier attempt ended normally (Ray Train removed it)
+        return False
+    log.warning("removing placement group %s, left by an earlier attempt of Ray Train run %s (state %s)",
+                hex_id.decode()[:12], key.rsplit("/", 1)[-1], state)
+    remove_placement_group(pg)
+    return True
 
 
 def report_epoch(metrics: dict, rank: int, save) -> None:

@@ -16,6 +16,8 @@ from typing import Callable
 
 from ray import tune  # this module is the Tune adapter: imported only when a sweep runs
 
+from orchestrator.ray_adapters.session import free_run_placement_groups
+
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "tune"  # Tune experiment dir: <sweep_dir>/tune
@@ -97,7 +99,8 @@ class TrialLedger(tune.Callback):
     trial in ``<sweep_dir>/trials/<id>/row.json`` (status completed/stopped/error, metrics, params), built by
     ``row(trial_id, status, result, params, error)`` (the application's, passed in).
 
-    Child runs are found again by their ``kt.trial_id`` tag, so a resumed sweep never duplicates them.
+    Child runs are found again by their ``kt.trial_id`` tag, so a resumed sweep never duplicates them. A failed
+    trial's Ray Train placement group is freed (:func:`free_run_placement_groups`: its controller died with a node).
     MLflow is written from the driver only (a sqlite store need not be visible to worker nodes).
     """
 
@@ -213,11 +216,13 @@ class TrialLedger(tune.Callback):
     def on_trial_recover(self, iteration, trials, trial, **info):
         log.warning("trial %s failed (attempt %d); retrying it with the same config", trial.trial_id,
                     trial.num_failures)
+        free_run_placement_groups(trial.trial_id)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         err = trial.get_error()
         msg = (str(err).strip().splitlines() or ["unknown error"])[-1][:500]
         log.error("trial %s failed after %d attempts: %s", trial.trial_id, trial.num_failures, msg)
+        free_run_placement_groups(trial.trial_id)
         self._row(trial, "error", msg)
         self._end(trial, "FAILED", {"kt.status": "error", "kt.error": msg})
 

@@ -53,7 +53,8 @@ def pool(tmp_path_factory, fmnist):
 @pytest.fixture(scope="module")
 def killed(storage, pool, ray_cluster):
     """`kt sweep` (joined to the session's Ray) SIGKILLed once its first trial has finished; returns the ids of
-    the trials that had finished by then."""
+    the trials that had finished by then: committed (``final.json``), whether or not the driver had recorded the
+    end in its ledger (``row.json``) before the kill."""
     space = storage / "space.yaml"
     space.write_text(yaml.safe_dump(tiny_space(pool)))
     args = ["sweep", str(space), "--task", str(TASK), "--smoke", "--storage", str(storage), "--name", "tiny3"]
@@ -69,7 +70,7 @@ def killed(storage, pool, ray_cluster):
     finally:
         os.killpg(p.pid, signal.SIGKILL)  # the driver (its job's Ray workers go with it), nothing else
         p.wait()
-    return {d.name for d in trials.iterdir() if (d / "row.json").exists()}
+    return {d.name for d in trials.iterdir() if (d / "final.json").exists()}
 
 
 @pytest.fixture(scope="module")
