@@ -13,24 +13,36 @@ def _join_the_session_ray(ray_cluster):
 
 
 @pytest.fixture(scope="session")
-def smoke_runs(tmp_path_factory):
-    """Two `kt run TASK --smoke` started at the same instant on one storage, each with a local Ray of its own
-    (beside the session's: three Rays on this machine), as two users of one machine run them. Returns (storage
-    directory, [CompletedProcess, CompletedProcess])."""
+def smoke_runs(tmp_path_factory, fmnist):
+    """Two `kt run --smoke` started at the same instant on one storage, each with a local Ray of its own (beside
+    the session's: three Rays on this machine), as two users of one machine run them: the Fashion-MNIST task,
+    and its retrieval variant over a small mixed pool (400 images, one corrupt; same teacher and labels, so both
+    need the same adapted teacher). Returns (storage directory, pool directory, [smoke, retrieval]
+    CompletedProcess)."""
     import os
 
+    from tests.pools import mixed_pool_images, write_webdataset
+
     storage = tmp_path_factory.mktemp("kt_smoke")
+    images, keys = mixed_pool_images(fmnist.train.images[:400], 400)
+    pool = write_webdataset(tmp_path_factory.mktemp("pool"), images, keys, 400, corrupt={7})
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    args = [sys.executable, "-m", "orchestrator.cli", "run", str(TASK), "--smoke", "--storage", str(storage)]
-    procs = [subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    run = [sys.executable, "-m", "orchestrator.cli", "run"]
+    common = ["--smoke", "--storage", str(storage)]
+    cmds = [[*run, str(TASK), *common],
+            [*run, str(ROOT / "tasks" / "fashion_mnist_retrieval.yaml"), *common,
+             "--set", f"transfer_set.retrieval.pool.root={pool}", "--set", "transfer_set.retrieval.budget=120",
+             "--set", "transfer_set.retrieval.pool.target_domain_prefix=target-"]]
+    procs = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in cmds]
     outs = [p.communicate(timeout=900) for p in procs]
-    return storage, [subprocess.CompletedProcess(args, p.returncode, o, e) for p, (o, e) in zip(procs, outs)]
+    return storage, pool, [subprocess.CompletedProcess(c, p.returncode, o, e)
+                           for c, p, (o, e) in zip(cmds, procs, outs)]
 
 
 @pytest.fixture(scope="session")
 def smoke_run(smoke_runs):
-    """The first of :func:`smoke_runs`, for the tests that read a finished run (test_cli, test_deploy_cli).
+    """The smoke run of :func:`smoke_runs`, for the tests that read a finished run (test_cli, test_deploy_cli).
     Returns (storage directory, CompletedProcess)."""
-    storage, (first, _) = smoke_runs
-    return storage, first
+    storage, _, (smoke, _) = smoke_runs
+    return storage, smoke

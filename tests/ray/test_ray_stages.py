@@ -62,3 +62,26 @@ def test_ray_train_two_workers_killed_midway_resume_and_a_finished_run_restores(
     # a re-run of a finished run restores its last checkpoint and trains nothing more
     state2, again = run_distill(tmp_path / "data", tmp_path / "ray_results", "killed", epochs=4, hooks=hooks)
     assert again == log and all((state2[k] == state[k]).all() for k in state)
+
+
+def test_placement_group_left_by_a_dead_attempt_is_freed(local_ray):
+    """The worker group's placement group recorded for a Ray Train run (as an attempt whose controller died with
+    its node leaves it: rescheduled, holding CPUs) is removed when the run starts again or its trial fails; one
+    that its attempt removed, or an unknown run, is left alone."""
+    from ray.experimental.internal_kv import _internal_kv_put
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    from orchestrator.ray_adapters.session import _PG_KEYS, free_left_placement_group, free_run_placement_groups
+
+    pg = placement_group([{"CPU": 0.5}])
+    assert pg.wait(30)
+    _internal_kv_put(f"{_PG_KEYS}/tmp/storage/train/trial_a", pg.id.hex(), overwrite=True)
+    assert free_run_placement_groups("trial_b") == 0 and placement_group_table(pg)["state"] == "CREATED"
+    assert free_run_placement_groups("trial_a") == 1
+    assert placement_group_table(pg)["state"] == "REMOVED"
+    assert free_run_placement_groups("trial_a") == 0  # its record went with it
+    done = placement_group([{"CPU": 0.5}])
+    assert done.wait(30)
+    remove_placement_group(done)  # an attempt that ended normally
+    _internal_kv_put(f"{_PG_KEYS}/tmp/storage/train/trial_c", done.id.hex(), overwrite=True)
+    assert not free_left_placement_group(f"{_PG_KEYS}/tmp/storage/train/trial_c")
