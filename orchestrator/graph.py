@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from orchestrator.config import PipelineConfig, config_hash
+from orchestrator.progress import stage_progress
 from orchestrator.stages.compute import Meter, StageCompute
 
 
@@ -137,13 +138,15 @@ def run_stage(ctx, name: str, body: Callable[[Path | None, StageCompute], Any] |
     """Run stage ``name`` for the run context ``ctx`` (an :class:`orchestrator.run_context.Ctx`).
 
     The key comes from :func:`stage_key` and is stored in ``ctx.keys[name]``. For a cached stage, a complete
-    entry is reused (one that another run of this node is building is waited for: :meth:`Cache.claim`); otherwise ``body(tmp_dir, compute)`` writes the entry's files into ``tmp_dir`` (renamed
-    into place only when it returns) and may return a dict for the entry's metadata. For an uncached stage
-    ``body(None, compute)`` returns the stage's value. ``compute`` is metered (wall and CPU seconds, devices);
-    the body adds images and FLOPs. ``after(run)`` may return extra numbers to record (e.g. an evaluation);
-    the record (nested MLflow run, ``ctx.stages``) is named ``record_as`` (default ``name``). ``measured``: the
-    compute of work done before the call (an uncached stage with no body, e.g. loading the data); ``hit``: the
-    cache hit to record when the body's own cache decided it (the stand-in).
+    entry is reused (one that another run of this node is building is waited for: :meth:`Cache.claim`);
+    otherwise ``body(tmp_dir, compute)`` writes the entry's files into ``tmp_dir`` (renamed into place only when
+    it returns) and may return a dict for the entry's metadata. For an uncached stage ``body(None, compute)``
+    returns the stage's value. ``compute`` is metered (wall and CPU seconds, devices); the body adds images and
+    FLOPs; a body that runs is shown while it runs (:func:`orchestrator.progress.stage_progress`). ``after(run)``
+    may return extra numbers to record (e.g. an evaluation); the record (nested MLflow run, ``ctx.stages``) is
+    named ``record_as`` (default ``name``). ``measured``: the compute of work done before the call (an uncached
+    stage with no body, e.g. loading the data); ``hit``: the cache hit to record when the body's own cache
+    decided it (the stand-in).
 
     Raises whatever the body raises; the cache then holds no partial entry.
     """
@@ -153,7 +156,7 @@ def run_stage(ctx, name: str, body: Callable[[Path | None, StageCompute], Any] |
     if stage.kind is None and measured is not None:
         run = StageRun(key, None, bool(hit), measured)
     elif stage.kind is None:
-        with Meter(devices=devices) as m:
+        with stage_progress(record_as or name), Meter(devices=devices) as m:
             value = body(None, m.result) if body else None
         run = StageRun(key, None, bool(hit), m.result, value)
     else:
@@ -164,7 +167,7 @@ def run_stage(ctx, name: str, body: Callable[[Path | None, StageCompute], Any] |
             if hit is None:
                 meta: dict = {"stage": name, "inputs": stage_inputs(stage, ctx.cfg, ctx.keys, content)}
                 with ctx.cache.write(stage.kind, key, meta) as tmp:
-                    with Meter(devices=devices) as m:
+                    with stage_progress(record_as or name), Meter(devices=devices) as m:
                         value = body(tmp, m.result)
                     if isinstance(value, dict):
                         meta.update(value)

@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parents[1] / "orchestrator"
 CONFIG = {"config", "config_base", "config_training", "config_methods"}
 FOUNDATION = {"registry", "ids", "storage", "cache"} | CONFIG
 ALLOWED = {
-    "registry": set(), "ids": set(), "storage": set(), "cache": {"storage"},
+    "registry": set(), "ids": set(), "storage": set(), "cache": {"storage"}, "progress": set(),
     "config_base": set(), "config_training": {"config_base"}, "config_methods": {"config_base", "config_training"},
     "config": {"storage", "config_base", "config_training", "config_methods"},
     "data": {"config", "registry"},
@@ -23,7 +23,7 @@ ALLOWED = {
     "tracking": {"models"},
     "ray_adapters": FOUNDATION | {"data", "models", "stages", "tracking"},
     "run_context": FOUNDATION | {"data", "stages"},
-    "graph": FOUNDATION | {"run_context", "stages"},
+    "graph": FOUNDATION | {"run_context", "stages", "progress"},
     "retrieval": FOUNDATION | {"data", "models", "stages", "ray_adapters"},
     "transfer": FOUNDATION | {"data", "stages", "retrieval"},
     "standin": FOUNDATION | {"data", "models", "stages"},

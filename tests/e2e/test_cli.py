@@ -38,6 +38,8 @@ def test_smoke_run_every_stage_tracked(smoke_run):
     assert "student (supervised-only)" in r.stdout and "student (distilled + finetuned)" in r.stdout
     assert f"mlflow ui --backend-store-uri sqlite:///{smoke_storage}/mlflow.db" in r.stdout
     assert "teacher pypi/efficientnet_lite0: EfficientNet-Lite0 trained on ImageNet-1k" in r.stderr
+    assert "stage distill ..." in r.stderr and "stage distill done in" in r.stderr  # a log file's progress lines
+    assert "TrainingReport(" not in r.stdout + r.stderr
     client, parents, runs = mlflow_runs(smoke_storage)
     assert len(parents) == 1
     parent = parents[0]
