@@ -171,6 +171,11 @@ class ChildRuns:
     def reopen(self, run_id: str) -> None:
         self.client.update_run(run_id, status="RUNNING")
 
+    def logged_steps(self, run_id: str, key: str) -> set[int]:
+        """The steps at which metric ``key`` of run ``run_id`` was logged (a resumed driver's check before it
+        logs a report again)."""
+        return {m.step for m in self.client.get_metric_history(run_id, key)}
+
     def artifact(self, run_id: str, path: str | Path, subdir: str | None = None) -> None:
         """Log file ``path`` as an artifact of child ``run_id`` (under ``subdir``)."""
         self.client.log_artifact(run_id, str(path), subdir)

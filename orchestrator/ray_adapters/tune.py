@@ -113,14 +113,15 @@ class TrialLedger(tune.Callback):
         self._done: set[str] = set()
         self._started: dict[str, float] = {}  # trial id -> when Tune started it (Unix seconds)
         self._tracking: dict[str, float] = {}  # trial id -> seconds of its MLflow writes
+        self._reopened: set[str] = set()  # child runs a killed driver left RUNNING, continued here
 
-    _TRANSIENT = ("_client", "_runs", "_done", "_started", "_tracking")
+    _TRANSIENT = ("_client", "_runs", "_done", "_started", "_tracking", "_reopened")
 
     def __getstate__(self):  # pickled into the Tune experiment state: no client, no cached ids
         return {k: v for k, v in self.__dict__.items() if k not in self._TRANSIENT}
 
     def __setstate__(self, state):
-        self.__dict__.update(state, _client=None, _runs={}, _done=set(), _started={}, _tracking={})
+        self.__dict__.update(state, _client=None, _runs={}, _done=set(), _started={}, _tracking={}, _reopened=set())
 
     def _timed(self, trial, fn, *args) -> None:
         """``fn(*args)``, its seconds added to the trial's tracking time."""
@@ -147,6 +148,7 @@ class TrialLedger(tune.Callback):
         if found:
             run_id = found[0]
             self.runs.reopen(run_id)
+            self._reopened.add(run_id)
         else:
             from orchestrator.tracking import flatten
 
@@ -186,10 +188,13 @@ class TrialLedger(tune.Callback):
         run_id = self._run_id(trial)
         if run_id is None:
             return
+        step = result_step(result)
+        if run_id in self._reopened and step in self.runs.logged_steps(run_id, "val_top1"):
+            return  # logged by the killed driver before (a committed trial re-reporting its result): once only
         metrics = {k: v for k, v in result.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in _TUNE_NOISE}
         tags = {f"kt.{k}": str(v) for k, v in (result.get("kt_tags") or {}).items()}
-        self._timed(trial, self.runs.log, run_id, metrics, result_step(result), tags)
+        self._timed(trial, self.runs.log, run_id, metrics, step, tags)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         final = bool((trial.last_result or {}).get("kt_final"))

@@ -69,3 +69,38 @@ def test_a_trial_committed_before_its_row_is_in_the_ledger(tmp_path):
     assert a["val_top1"] == 0.61 and a["params"] == {"student": "r10t"} and a["time_data_s"] == 0.5
     assert a["tags"] == {"student": "timm/resnet10t"} and a["error"] is None
     assert rows[2] == {"trial_id": "d", "status": "completed", "val_top1": 0.61}  # the ledger's row, as written
+
+
+class _FakeRuns:
+    """ChildRuns' interface over dicts: one child run a killed driver left RUNNING, with steps 1-3 logged."""
+
+    def __init__(self):
+        self.logged = {"r1": {1, 2, 3}}
+        self.calls = []
+
+    def find(self, key):
+        return ("r1", "RUNNING") if key == "t1" else None
+
+    def reopen(self, run_id):
+        self.calls.append(("reopen", run_id))
+
+    def logged_steps(self, run_id, key):
+        return self.logged.get(run_id, set())
+
+    def log(self, run_id, metrics, step, tags=None):
+        self.calls.append(("log", run_id, step))
+        self.logged.setdefault(run_id, set()).add(step)
+
+
+def test_resumed_driver_logs_a_re_reported_result_once():
+    """The killed driver had logged a committed trial's final result (step 3) but not ended its run: after the
+    resume, the trial's re-report is not logged a second time; a step not logged yet still is."""
+    from orchestrator.ray_adapters.tune import TrialLedger
+
+    ledger = TrialLedger("sqlite:///unused.db", "0", "parent", "/tmp", "s", row=dict, total=1)
+    ledger._client = fake = _FakeRuns()
+    trial = SimpleNamespace(trial_id="t1", config={})
+    ledger.on_trial_result(0, [], trial, {"kt_final": 1.0, "distill_epochs": 2.0, "val_top1": 0.5})
+    assert fake.calls == [("reopen", "r1")]
+    ledger.on_trial_result(0, [], trial, {"epoch": 4, "val_top1": 0.6})
+    assert fake.calls[-1] == ("log", "r1", 4)
