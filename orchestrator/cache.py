@@ -121,12 +121,15 @@ class Cache:
         """The entry's local directory if complete (counted as a hit), else None (counted as a miss). With
         remote storage, an entry complete remotely but not in this node's mirror is downloaded first
         (atomically: a temporary sibling renamed into place)."""
-        p = self.path(kind, key)
-        if (p / COMPLETE).is_file() or (self.remote is not None and self._fetch(kind, key)):
+        if self._present(kind, key):
             self.hits[kind] = self.hits.get(kind, 0) + 1
-            return p
+            return self.path(kind, key)
         self.misses[kind] = self.misses.get(kind, 0) + 1
         return None
+
+    def _present(self, kind: str, key: str) -> bool:
+        """Whether the entry is complete here, after downloading it when it is complete remotely (not counted)."""
+        return (self.path(kind, key) / COMPLETE).is_file() or (self.remote is not None and self._fetch(kind, key))
 
     @contextmanager
     def lock(self, name: str, key: str) -> Iterator[None]:
@@ -153,13 +156,12 @@ class Cache:
             yield hit
             return
         with self.lock(kind, key):
-            p = self.path(kind, key)
-            if (p / COMPLETE).is_file() or (self.remote is not None and self._fetch(kind, key)):
-                self.misses[kind] -= 1
-                self.hits[kind] = self.hits.get(kind, 0) + 1
-                yield p
-            else:
+            if not self._present(kind, key):
                 yield None
+                return
+            self.misses[kind] -= 1
+            self.hits[kind] = self.hits.get(kind, 0) + 1
+            yield self.path(kind, key)
 
     def _fetch(self, kind: str, key: str) -> bool:
         """Download the remote entry into the mirror if it is complete there; True if it was."""
