@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from orchestrator.config import PipelineConfig
     from orchestrator.pipeline import RunResult
 
-__all__ = ["run", "sweep", "submit", "predict", "export", "register", "load_config", "PipelineConfig"]
+__all__ = ["run", "sweep", "compare", "rank_sources", "submit", "predict", "export", "register", "load_config",
+           "PipelineConfig"]
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None, smoke: bool = False) -> "PipelineConfig":
@@ -88,7 +89,7 @@ def submit(command: list[str], address: str | None = None, working_dir: str | Pa
 
 def predict(model: str | Path, inputs: list[str | Path], out: str | Path | None = None, batch_size: int = 64,
             storage: str | Path = "kt_runs", tracking_uri: str | None = None):
-    """Classify image files with a trained student (as ``kt predict``; see :func:`orchestrator.predict.predict`).
+    """Classify image files with a trained student (as ``kt predict``; see :func:`orchestrator.prediction.predict`).
 
     Args:
         model: a run or trial directory, ``models:/name/version`` or an ``.onnx`` file. inputs: files/folders.
@@ -98,7 +99,7 @@ def predict(model: str | Path, inputs: list[str | Path], out: str | Path | None 
     Raises:
         DeployError: no student there, an unknown model URI, an empty folder; InputShapeError: a foreign ONNX.
     """
-    from orchestrator.predict import predict as _predict
+    from orchestrator.prediction import predict as _predict
 
     return _predict(model, inputs, out, batch_size, storage, tracking_uri)
 
@@ -127,6 +128,27 @@ def register(source: str | Path, trial: str | None = None, budget: float | None 
     from orchestrator.deploy import register as _register
 
     return _register(source, trial, budget, name, storage, tracking_uri)
+
+
+def compare(task: str | Path, methods: list[str] | None = None, seeds: list[int] | None = None,
+            overrides: list[str] | None = None, smoke: bool = False):
+    """`kt compare`: every method in ``methods`` (default: those the task can run) x every seed in ``seeds``
+    (default 0, 1, 2) on one task, tracked in MLflow; returns ``orchestrator.comparison.CompareResult`` (rows,
+    per-method summary: test top-1 mean/std, transfer FLOPs and device-seconds). Raises ConfigError /
+    UnknownNameError / ModelLoadError / DataError before any training."""
+    from orchestrator.comparison import compare as _compare
+
+    return _compare(task, methods, seeds, overrides, smoke)
+
+
+def rank_sources(task, overrides: list[str] | None = None, smoke: bool = False, evaluate: bool = False,
+                 distill: bool = False, metrics: list[str] | None = None):
+    """`kt rank-sources` (paper 2): score every source of the task's zoo with every similarity metric; with
+    ``evaluate`` also each source's actual transfer top-1 and each ranking's Kendall tau, Spearman rho and
+    top-1 regret. Returns ``orchestrator.source_ranking.RankResult``; see :func:`orchestrator.source_ranking.rank_sources`."""
+    from orchestrator.source_ranking import rank_sources as _rank
+
+    return _rank(task, overrides, smoke, evaluate, distill, metrics)
 
 
 def __getattr__(name: str):

@@ -82,7 +82,7 @@ def compare(task: Path = typer.Argument(..., help="task YAML, e.g. tasks/fashion
         _fail(ValueError(f"--seeds takes comma-separated integers, e.g. --seeds 0,1,2, not {seeds!r}"))
     try:
         overrides = list(set or []) + ([f"storage={storage}"] if storage else [])
-        from orchestrator.compare import compare as run_compare
+        from orchestrator.comparison import compare as run_compare
 
         result = run_compare(task, [m.strip() for m in methods.split(",")] if methods else None, seed_list,
                              overrides, smoke)
@@ -192,7 +192,7 @@ def predict_cmd(model: str = typer.Argument(..., help="run dir, trial dir, model
     """Classify images with a trained student; unreadable images are reported and skipped."""
     _setup_logging()
     try:
-        from orchestrator.predict import predict as run_predict
+        from orchestrator.prediction import predict as run_predict
 
         res = run_predict(model, inputs, out, batch_size, storage, tracking_uri, progress=True)
     except _user_errors() as e:
@@ -263,6 +263,23 @@ def make_demo_pool(task: Path = typer.Argument(..., help="task YAML whose unlabe
         typer.echo(f"{domain:>14}: {n:>7,}")
     typer.echo(f"{'total':>14}: {info['total']:>7,} in {len(info['shards'])} shards")
     typer.echo(f"pool: {out}")
+
+
+@app.command("make-font-digits")
+def make_font_digits(root: Path = typer.Argument(Path("kt_runs/data/font_digits"), help="where to write it"),
+                     per_font: int = typer.Option(8, help="seeded renderings per digit and font"),
+                     seed: int = typer.Option(0, help="rendering jitter and font hold-out seed")) -> None:
+    """Write the offline `font_digits` task (tasks/font_digits.yaml): the digits 0-9 rendered in every font on
+    the machine, as an ImageFolder with whole fonts held out for test; a no-op if already built."""
+    _setup_logging()
+    try:
+        from orchestrator.demo_tasks import build_font_digits
+
+        info = build_font_digits(root, per_font=per_font, seed=seed)
+    except _user_errors() as e:
+        _fail(e)
+    typer.echo(f"{info['description']}")
+    typer.echo(f"{info['train']:,} train / {info['test']:,} test images ({info['fonts']} fonts) in {root}")
 
 
 from orchestrator import cli_jobs  # noqa: E402,F401 (registers the Ray Jobs commands, listed after these)

@@ -3,12 +3,12 @@ distillation, SSL pretraining, ImageNet init) and paper 2's source zoo and FixMa
 :mod:`orchestrator.config`."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from orchestrator.config_base import Strict
-from orchestrator.config_training import TrainConfig
+from orchestrator.config_training import Budget, BudgetConfig, TrainConfig
 
 
 class TaskAgnosticConfig(Strict):
@@ -60,10 +60,15 @@ class SourceEntry(Strict):
     description: str = ""
 
 
-class SourceDistillConfig(Strict):
-    """The (multi-)source distillation run of paper 2's methods (the student on the transfer set)."""
+class SourceDistillConfig(BudgetConfig):
+    """The (multi-)source distillation run of paper 2's methods (the student on the transfer set).
 
-    epochs: int = Field(10, gt=0)
+    Budget (:class:`~orchestrator.config_training.BudgetConfig`), as paper 1's ``distill``: default 2,000
+    optimizer steps whatever the transfer set's size (reported every 100); ``epochs: N`` is the per-pass
+    alternative. Batches, steps and the warm-up + cosine schedule come from ``stages.schedule.distill_plan``."""
+
+    DEFAULT_BUDGET: ClassVar[Budget] = Budget("steps", 2000)
+
     batch_size: int = Field(256, gt=0)
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = 5e-4

@@ -43,7 +43,8 @@ class Stage:
 
 
 def _teacher_seed(cfg: PipelineConfig) -> dict:
-    return {"seed": cfg.seed if cfg.teacher.seed is None else cfg.teacher.seed}
+    # "augment": the LP-FT finetune augments with the task's policy (data.augment; before: shift only)
+    return {"seed": cfg.seed if cfg.teacher.seed is None else cfg.teacher.seed, "augment": "task-policy"}
 
 
 _INFERENCE = ("teacher.inference_batch_size", "teacher.inference_actors", "teacher.inference_gpus", "teacher.seed",

@@ -28,7 +28,8 @@ class StandinInfo:
 
 def standin_key(cfg: PipelineConfig, task: TaskData, split: Split) -> str:
     """Cache key: stand-in settings + content of the unlabeled images it trains on."""
-    return config_hash({"standin": cfg.standin.model_dump(mode="json"),
+    flip = {} if cfg.data.augment_policy().hflip else {"hflip": False}  # views mirrored only where the task allows
+    return config_hash({"standin": cfg.standin.model_dump(mode="json"), **flip,
                         "images": task.train.subset(split.without_labels()).content_hash()})
 
 
@@ -48,7 +49,8 @@ def ensure_standin(cfg: PipelineConfig, task: TaskData, split: Split, cache: Cac
     mean, std = task.pixel_stats()
     unlabeled = task.train.images[split.without_labels()]  # a validation subset's labels are not used either
     with Meter() as m:
-        teacher = pretrain_standin(unlabeled, cfg.standin, mean, std, device)
+        teacher = pretrain_standin(unlabeled, cfg.standin, mean, std, device,
+                                   hflip=bool(cfg.data.augment_policy().hflip))
     probe = adapt_teacher(teacher, task.train.subset(split.labeled), task.num_classes,
                           TeacherConfig(adapt="linear_probe"), cfg.seed, device)
     top1 = evaluate(probe, probe.preprocess, task.test, task.num_classes, device=device).top1

@@ -29,6 +29,7 @@ ALLOWED = {
     "standin": FOUNDATION | {"data", "models", "stages"},
     "demo_pool": FOUNDATION | {"data", "stages"},
     "zoo": FOUNDATION | {"data", "models", "stages"},
+    "demo_tasks": FOUNDATION | {"data", "zoo"},  # offline target tasks written as ImageFolders
     "methods": FOUNDATION | {"data", "models", "stages", "ray_adapters", "graph", "run_context", "retrieval",
                              "transfer", "standin", "similarity", "zoo"},
     # paper 2's `kt rank-sources` (the methods' per-source stages, the metrics, MLflow through tracking)
@@ -36,10 +37,10 @@ ALLOWED = {
                                     "models"},
     "preflight": FOUNDATION | {"data", "models", "methods", "transfer"},
     "pipeline": FOUNDATION | {"models", "methods", "preflight", "run_context", "tracking"},
-    "compare": FOUNDATION | {"methods", "pipeline", "preflight", "run_context", "tracking"},
+    "comparison": FOUNDATION | {"methods", "pipeline", "preflight", "run_context", "tracking"},
     "sweeps": FOUNDATION | {"models", "stages", "methods", "preflight", "ray_adapters", "run_context", "tracking"},
     "deploy": FOUNDATION | {"models", "sweeps", "tracking"},
-    "predict": FOUNDATION | {"data", "deploy", "models", "tracking"},
+    "prediction": FOUNDATION | {"data", "deploy", "models", "tracking"},
     "report": {"sweeps"},
 }
 TOP = {"cli", "cli_common", "cli_jobs", "__init__"}  # the entry points may import anything

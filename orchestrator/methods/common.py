@@ -105,7 +105,8 @@ def stage_adapt(ctx: Ctx) -> Path:
     def body(tmp: Path, c: StageCompute) -> dict:
         with Meter() as me:
             teacher = load_teacher(ctx.teacher_id, teacher_kwargs(ctx))
-            adapt_teacher(teacher, labeled, task.num_classes, cfg.teacher, seed, ctx.device)
+            adapt_teacher(teacher, labeled, task.num_classes, cfg.teacher, seed, ctx.device,
+                          augment=cfg.data.augment_policy())
         fwd = forward_flops(teacher, (teacher.preprocess.channels, *teacher.preprocess.size))
         # probe features once, then (LP-FT) finetune epochs at ~3x a forward pass each
         ft = cfg.teacher.adapt == "finetune"

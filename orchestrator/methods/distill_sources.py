@@ -55,7 +55,7 @@ def stage_multi_distill(ctx, weights: dict[str, float], entries: dict):
     ``sources.distill.backend: local``). Returns (student nn.Module on ``ctx.device``, its preprocess)."""
     from orchestrator.models.students import create_student, student_preprocess
     from orchestrator.stages.distill import student_state
-    from orchestrator.stages.multi_distill import steps_per_epoch
+    from orchestrator.stages.schedule import distill_plan
 
     cfg, task = ctx.cfg, ctx.task
     s = cfg.sources
@@ -90,9 +90,8 @@ def stage_multi_distill(ctx, weights: dict[str, float], entries: dict):
                     join(cfg.storage_uri(), "ray_results"), f"multi_distill-{key}", ctx.cpus_per_worker)
             student.load_state_dict(student_state(state))
         per_img = train_flops(student, (pre.channels, *pre.size))
-        steps = steps_per_epoch(n_img, s.distill.batch_size, world) * world * len(tlog["loss"])
         ce_imgs = min(s.distill.batch_size, len(labeled)) if s.ce_weight else 0
-        c.images = steps * (s.distill.batch_size + ce_imgs)
+        c.images = distill_plan(n_img, s.distill, world).images(len(tlog["loss"]), s.distill.batch_size + ce_imgs)
         c.flops = per_img * c.images
         c.device_seconds = sum(tlog["seconds"]) * world
         for e, loss in enumerate(tlog["loss"]):

@@ -31,7 +31,8 @@ def train(ctx) -> MethodResult:
     def body(_, c):
         torch.manual_seed(cfg.seed)
         student = create_student(cfg.student.id, task.num_classes, pre, cfg.student.model_kwargs)
-        ema, flog = fixmatch_train(student, pre, labeled, unlabeled, fm, cfg.seed, ctx.device)
+        ema, flog = fixmatch_train(student, pre, labeled, unlabeled, fm, cfg.seed, ctx.device,
+                                   augment=cfg.data.augment_policy())
         per_img = train_flops(student, (pre.channels, *pre.size))
         c.images = fm.steps * fm.batch_size * (1 + 2 * fm.mu)
         c.flops = per_img * c.images

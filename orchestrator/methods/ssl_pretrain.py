@@ -45,7 +45,8 @@ def train(ctx) -> MethodResult:
         student = new_student()
         hist = pretrain_simclr(PenultimateEncoder(student), student.num_features, ts.images, pre, scfg.epochs,
                                scfg.batch_size, scfg.lr, scfg.weight_decay, scfg.temperature, scfg.proj_dim,
-                               cfg.seed, ctx.device, label="student SimCLR")
+                               cfg.seed, ctx.device, label="student SimCLR",
+                               hflip=bool(cfg.data.augment_policy().hflip))
         c.images = 2 * len(ts) * scfg.epochs  # two views per image
         c.flops = train_flops(student, (pre.channels, *pre.size)) * c.images
         torch.save(student.state_dict(), tmp / "student.pt")

@@ -38,7 +38,9 @@ def _train_fn(config: dict) -> None:
     from orchestrator.config import SourceTransferConfig
     from orchestrator.models.preprocess import Preprocess
     from orchestrator.models.students import create_student
+    from orchestrator.stages.accel import prepare_model
     from orchestrator.stages.distill import load_state, save_state
+    from orchestrator.stages.schedule import distill_plan
     from orchestrator.stages.multi_distill import MultiSourceStudent, make_optimizer, multi_distill_epoch, new_log
 
     quiet_train_worker()
@@ -51,7 +53,7 @@ def _train_fn(config: dict) -> None:
     data = load_data(config)
     torch.manual_seed(config["seed"])
     student = create_student(config["student"], config["num_classes"], pre, config["model_kwargs"])
-    model = MultiSourceStudent(student, [s.features.shape[1] for s in data.sources]).to(device)
+    model = prepare_model(MultiSourceStudent(student, [s.features.shape[1] for s in data.sources]), device)
     opt, sched = make_optimizer(model, cfg.distill, len(data.images), world)
     start, tlog = 0, new_log()
     ck = ray.train.get_checkpoint()
@@ -60,14 +62,15 @@ def _train_fn(config: dict) -> None:
             start, tlog = load_state(Path(cd) / "state.pt", model, opt, sched)
     tlog["starts"].append(start)
     ddp = ray.train.torch.prepare_model(model) if world > 1 else model
-    for epoch in range(start, cfg.distill.epochs):
+    plan = distill_plan(len(data.images), cfg.distill, world)  # the budget's steps and reporting epochs
+    for epoch in range(start, plan.epochs):
         t0 = time.perf_counter()
         loss = multi_distill_epoch(ddp, opt, sched, data, pre, cfg, epoch, config["seed"], rank, world, device)
         seconds = time.perf_counter() - t0
         tlog["loss"].append(loss)
         tlog["seconds"].append(seconds)
         if rank == 0:
-            say(f"[kt] multi-source distill epoch {epoch + 1}/{cfg.distill.epochs}: loss {loss:.4f} ({seconds:.0f} s)")
+            say(f"[kt] multi-source distill epoch {epoch + 1}/{plan.epochs}: loss {loss:.4f} ({seconds:.0f} s)")
         report_epoch({"epoch": epoch + 1, "loss": loss, "epoch_seconds": seconds}, rank,
                      lambda d: save_state(d / "state.pt", model, opt, sched, epoch, tlog))
 

@@ -25,6 +25,7 @@ def _train_fn(config: dict) -> None:
     from orchestrator.models.students import create_student
     from orchestrator.stages.distill import (DistillData, distill_epoch, load_state, make_optimizer, new_log,
                                              FeatureStudent, online_teacher, save_state)
+    from orchestrator.stages.accel import prepare_model
     from orchestrator.stages.evaluate import evaluate
     from orchestrator.stages.schedule import distill_plan
 
@@ -49,7 +50,7 @@ def _train_fn(config: dict) -> None:
     if use_feat:  # the projection's width: the teacher's feature dimension
         dim = data.teacher(np.asarray(data.images[:1]))[1].shape[1] if online else data.teacher_features.shape[1]
         model = FeatureStudent(model, int(dim))
-    model = model.to(device)
+    model = prepare_model(model, device)  # channels-last on CUDA
     plan = distill_plan(len(data.images), cfg, world)  # the budget's steps, reporting epochs and LR schedule
     opt, sched = make_optimizer(model, cfg, len(data.images), world)
     start, log = 0, new_log()

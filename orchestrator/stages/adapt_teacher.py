@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orchestrator.config import TeacherConfig
+from orchestrator.config import AugmentPolicy, TeacherConfig
 from orchestrator.data.images import ImageSet
 from orchestrator.models.teachers import Teacher
 from orchestrator.stages.loop import predict, train_supervised
@@ -38,8 +38,11 @@ def fit_linear_probe(features: np.ndarray, labels: np.ndarray, num_classes: int,
 
 
 def adapt_teacher(teacher: Teacher, labeled: ImageSet, num_classes: int, cfg: TeacherConfig,
-                  seed: int = 0, device: str = "cpu") -> Teacher:
+                  seed: int = 0, device: str = "cpu", augment: AugmentPolicy | None = None) -> Teacher:
     """Give ``teacher`` a task head trained on ``labeled``: a linear probe (backbone frozen) or full finetune.
+
+    ``augment``: the task's augmentation (``data.augment_policy()``) for the finetune (when
+    ``cfg.finetune.augment``); None: the label-preserving default (shift only, no flip).
 
     Returns the same Teacher object (in eval mode) with ``head`` set to nn.Linear(D, num_classes).
     """
@@ -48,5 +51,5 @@ def adapt_teacher(teacher: Teacher, labeled: ImageSet, num_classes: int, cfg: Te
     teacher.head = fit_linear_probe(feats, labeled.labels, num_classes, cfg.probe_epochs, cfg.probe_lr,
                                     cfg.probe_weight_decay, seed)
     if cfg.adapt == "finetune":  # probe first (LP-FT, Kumar et al. 2022), then train everything
-        train_supervised(teacher, teacher.preprocess, labeled, cfg.finetune, seed, device)
+        train_supervised(teacher, teacher.preprocess, labeled, cfg.finetune, seed, device, augment=augment)
     return teacher.eval()

@@ -19,6 +19,7 @@ from torch import nn
 from orchestrator.config import AugmentPolicy, DistillConfig
 from orchestrator.data.images import ImageSet
 from orchestrator.models.preprocess import Preprocess
+from orchestrator.stages.accel import autocast, prepare_model, to_device
 from orchestrator.stages.loop import model_input
 from orchestrator.stages.schedule import distill_plan, optimizer_step
 from orchestrator.stages.schedule import make_optimizer as _make_optimizer
@@ -120,20 +121,21 @@ def distill_epoch(model: nn.Module, opt, sched, data: DistillData, preprocess: P
         if data.teacher is not None:
             t, tf = data.teacher(np.asarray(data.images[idx]))  # (B, K), (B, D): a teacher forward every step
         else:
-            t = torch.from_numpy(np.array(data.teacher_logits[idx], dtype=np.float32)).to(device)  # (B, K)
-            tf = (torch.from_numpy(np.array(data.teacher_features[idx], dtype=np.float32)).to(device)
+            t = to_device(torch.from_numpy(np.array(data.teacher_logits[idx], dtype=np.float32)), device)  # (B, K)
+            tf = (to_device(torch.from_numpy(np.array(data.teacher_features[idx], dtype=np.float32)), device)
                   if use_feat else None)  # (B, D) float32
-        out = model(x)
-        logits, sf = out if use_feat else (out, None)
-        loss = cfg.kd_weight * kd(logits, t, cfg.temperature)
-        if use_feat:
-            loss = loss + cfg.feature_weight * feat(sf, tf)
-        if cfg.ce_weight > 0 and data.labeled is not None:
-            li = lab_rng.choice(len(data.labeled), size=min(cfg.batch_size, len(data.labeled)), replace=False)
-            xl = model_input(data.labeled.images, li, preprocess, aug, device)
-            out_l = model(xl)
-            loss = loss + cfg.ce_weight * ce(out_l[0] if use_feat else out_l,
-                                             torch.from_numpy(data.labeled.labels[li]).to(device))
+        with autocast(device, training=True):  # bf16 forward and loss on CUDA, a no-op on the CPU
+            out = model(x)
+            logits, sf = out if use_feat else (out, None)
+            loss = cfg.kd_weight * kd(logits, t, cfg.temperature)
+            if use_feat:
+                loss = loss + cfg.feature_weight * feat(sf, tf)
+            if cfg.ce_weight > 0 and data.labeled is not None:
+                li = lab_rng.choice(len(data.labeled), size=min(cfg.batch_size, len(data.labeled)), replace=False)
+                xl = model_input(data.labeled.images, li, preprocess, aug, device)
+                out_l = model(xl)
+                loss = loss + cfg.ce_weight * ce(out_l[0] if use_feat else out_l,
+                                                 to_device(torch.from_numpy(data.labeled.labels[li]), device))
         losses.append(optimizer_step(opt, sched, loss))
     return float(np.mean(losses))
 
@@ -173,7 +175,7 @@ def distill_local(model: nn.Module, data: DistillData, preprocess: Preprocess, c
     ckpt = Path(ckpt_dir) / "state.pt"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model.to(device)
+    prepare_model(model, device)
     plan = distill_plan(len(data.images), cfg)
     opt, sched = make_optimizer(model, cfg, len(data.images))
     start, log_ = load_state(ckpt, model, opt, sched) if ckpt.exists() else (0, new_log())

@@ -16,6 +16,7 @@ import torch
 
 from orchestrator.cache import write_atomic
 from orchestrator.config import PoolConfig
+from orchestrator.stages.accel import autocast, prepare_model, to_device
 from orchestrator.stages.embedding_io import pool_id, write_embedding_shard
 from orchestrator.stages.pools import PoolShard, read_shard_images
 
@@ -26,8 +27,9 @@ def embed_images(model, images: np.ndarray, batch_size: int = 256, device: str =
     preprocessing, then ``features``)."""
     out = [np.zeros((0, model.feature_dim), np.float32)]
     for s in range(0, len(images), batch_size):
-        x = model.preprocess(images[s:s + batch_size]).to(device)  # (B, C, H', W') float32
-        f = torch.nn.functional.normalize(model.features(x).float(), dim=1)  # (B, D) float32
+        x = to_device(model.preprocess(images[s:s + batch_size]), device)  # (B, C, H', W') float32
+        with autocast(device):  # bf16 (or fp16) on CUDA, a no-op on the CPU
+            f = torch.nn.functional.normalize(model.features(x).float(), dim=1)  # (B, D) float32
         out.append(f.cpu().numpy())
     return np.concatenate(out)
 
@@ -64,7 +66,7 @@ class ShardEmbedder:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load_embedder(embedder, model_kwargs).to(self.device)
+        self.model = prepare_model(load_embedder(embedder, model_kwargs), self.device)  # channels-last on CUDA
         self.pool = PoolConfig.model_validate(pool)
         self.size, self.channels, self.out_dir = tuple(size), channels, Path(out_dir)
         self.dtype, self.batch_size = np.dtype(dtype), batch_size

@@ -8,7 +8,8 @@ Per step (Sec. 2.2, Eq. 1-4), with B labeled and mu*B unlabeled images::
     l_u = mean( mask * CE(p(y | A(u)), argmax(q)) )                    (strong view)
     loss = l_s + lambda_u * l_u
 
-alpha = random horizontal flip + shift of up to 12.5% (the paper's weak augmentation); A = alpha, then
+alpha = random horizontal flip + shift of up to 12.5% (the paper's weak augmentation; the flip only where the
+task's ``AugmentPolicy.hflip`` allows it, the shift its ``max_shift``); A = alpha, then
 RandAugment (torchvision.transforms.v2, ``randaugment_ops`` ops, magnitude drawn uniformly per image, as the
 paper's "RA with a random magnitude" variant) and Cutout (a square of ``cutout`` x the side, grey). SGD with
 Nesterov momentum, lr schedule ``lr * cos(7 pi k / (16 K))`` (Sec. 3 / Appendix B.1); the model evaluated is an
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orchestrator.config import FixMatchConfig
+from orchestrator.config import AugmentPolicy, FixMatchConfig
 from orchestrator.data.images import ImageSet
 from orchestrator.models.preprocess import Preprocess
 from orchestrator.stages.augment import random_shift_flip, to_unit
@@ -33,9 +34,14 @@ from orchestrator.stages.augment import random_shift_flip, to_unit
 BINS = 31  # torchvision's default magnitude bins: magnitudes 0..30
 
 
-def weak_view(images_u8: np.ndarray) -> torch.Tensor:
-    """alpha: (B, H, W, C) uint8 -> (B, C, H, W) float32 in [0, 1], randomly flipped and shifted."""
-    return random_shift_flip(to_unit(torch.from_numpy(np.ascontiguousarray(images_u8))))
+PAPER_WEAK = AugmentPolicy(hflip=True, max_shift=0.125)  # the paper's alpha: flip and shift by up to 12.5%
+
+
+def weak_view(images_u8: np.ndarray, policy: AugmentPolicy = PAPER_WEAK) -> torch.Tensor:
+    """alpha: (B, H, W, C) uint8 -> (B, C, H, W) float32 in [0, 1], shifted by up to ``policy.max_shift`` and
+    flipped with probability 0.5 only when ``policy.hflip``."""
+    x = to_unit(torch.from_numpy(np.ascontiguousarray(images_u8)))
+    return random_shift_flip(x, policy.max_shift, 0.5 if policy.hflip else 0.0)
 
 
 def cutout(x: torch.Tensor, frac: float, rng: np.random.Generator) -> torch.Tensor:
@@ -56,15 +62,16 @@ class StrongView:
     """A: weak view, then RandAugment with a per-image random magnitude in [0, 30], then Cutout.
     ``__call__`` (B, H, W, C) uint8 -> (B, C, H, W) float32 in [0, 1]."""
 
-    def __init__(self, ops: int, cutout_frac: float, seed: int):
+    def __init__(self, ops: int, cutout_frac: float, seed: int, policy: AugmentPolicy = PAPER_WEAK):
         from torchvision.transforms import v2
 
+        self.policy = policy
         self.ras = [v2.RandAugment(num_ops=ops, magnitude=m, num_magnitude_bins=BINS) for m in range(BINS)]
         self.frac = cutout_frac
         self.rng = np.random.default_rng([seed, 5])
 
     def __call__(self, images_u8: np.ndarray) -> torch.Tensor:
-        x = (weak_view(images_u8) * 255).round().to(torch.uint8)  # (B, C, H, W) uint8
+        x = (weak_view(images_u8, self.policy) * 255).round().to(torch.uint8)  # (B, C, H, W) uint8
         mags = self.rng.integers(0, BINS, size=len(x))
         out = torch.stack([self.ras[m](img) for m, img in zip(mags, x)]).float().div_(255.0)
         return cutout(out, self.frac, self.rng)
@@ -80,12 +87,15 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 def fixmatch_train(model: nn.Module, preprocess: Preprocess, labeled: ImageSet, unlabeled: np.ndarray,
-                   cfg: FixMatchConfig, seed: int = 0, device: str = "cpu") -> tuple[nn.Module, dict]:
+                   cfg: FixMatchConfig, seed: int = 0, device: str = "cpu",
+                   augment: AugmentPolicy | None = None) -> tuple[nn.Module, dict]:
     """Train ``model`` ((B, C, H, W) float32 -> (B, K) logits) with FixMatch for ``cfg.steps`` steps.
 
     Args:
         labeled: the labeled target images (labels (N_l,) int64). unlabeled: (N_u, H, W, C) uint8 target
             images without labels (the labeled ones may be among them, as in the paper).
+        augment: the task's policy (``data.augment_policy()``) for the weak view's flip and shift; None: the
+            paper's flip + 12.5% shift.
     Returns:
         (the EMA model in eval mode, on ``device``; log ``{"loss", "mask_rate", "seconds"}``: per-step loss
         and fraction of unlabeled images above the threshold, total wall seconds).
@@ -102,7 +112,8 @@ def fixmatch_train(model: nn.Module, preprocess: Preprocess, labeled: ImageSet, 
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
                           weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: math.cos(7 * math.pi * k / (16 * cfg.steps)))
-    strong = StrongView(cfg.randaugment_ops, cfg.cutout, seed)
+    weak = augment or PAPER_WEAK
+    strong = StrongView(cfg.randaugment_ops, cfg.cutout, seed, weak)
     labels = torch.from_numpy(labeled.labels)
     b, bu = cfg.batch_size, cfg.mu * cfg.batch_size
     log: dict = {"loss": [], "mask_rate": []}
@@ -110,7 +121,7 @@ def fixmatch_train(model: nn.Module, preprocess: Preprocess, labeled: ImageSet, 
         li = rng.choice(len(labeled), size=b, replace=len(labeled) < b)
         ui = rng.choice(len(unlabeled), size=bu, replace=len(unlabeled) < bu)
         u = np.asarray(unlabeled[np.sort(ui)])
-        x = torch.cat([weak_view(labeled.images[li]), weak_view(u), strong(u)])  # (B + 2 mu B, C, H, W)
+        x = torch.cat([weak_view(labeled.images[li], weak), weak_view(u, weak), strong(u)])  # (B + 2 mu B, C, H, W)
         logits = model(preprocess.from_unit(x.to(device)))
         lx, lw, ls = logits[:b], logits[b:b + bu], logits[b + bu:]
         loss_s = F.cross_entropy(lx, labels[li].to(device))

@@ -14,6 +14,7 @@ from torch import nn
 from orchestrator.config import AugmentPolicy, TrainConfig
 from orchestrator.data.images import ImageSet
 from orchestrator.models.preprocess import Preprocess
+from orchestrator.stages.accel import autocast, prepare_model, to_device
 from orchestrator.stages.augment import augment_batch, to_unit
 from orchestrator.stages.schedule import (batch_indices, cosine_schedule, make_optimizer, optimizer_step,  # noqa: F401
                                           supervised_plan)
@@ -37,7 +38,7 @@ def model_input(images: np.ndarray, idx: np.ndarray, preprocess: Preprocess, aug
                 device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 images[idx] ((N, H, W, C) uint8 indexed by (b,) int64) -> (b, C, H, W) float32 model input,
     augmented as :func:`augment_policy` of ``augment`` says (False/None: not at all)."""
-    x = to_unit(torch.from_numpy(np.ascontiguousarray(images[idx]))).to(device)  # (b, C, H, W) float32
+    x = to_unit(to_device(torch.from_numpy(np.ascontiguousarray(images[idx])), device))  # (b, C, H, W) float32
     policy = augment_policy(augment)
     if policy is not None:
         x = augment_batch(x, policy)
@@ -74,7 +75,7 @@ def train_supervised(model: nn.Module, preprocess: Preprocess, data: ImageSet, c
     if plan.total_steps == 0:
         return []
     torch.manual_seed(seed)
-    model.to(device)
+    prepare_model(model, device)
     set_train_mode(model, cfg.freeze_bn)
     opt, sched = make_optimizer(params or model.parameters(), cfg, plan)
     aug = (augment or True) if cfg.augment else None
@@ -84,7 +85,9 @@ def train_supervised(model: nn.Module, preprocess: Preprocess, data: ImageSet, c
         losses = []
         for idx in plan.batches(seed, epoch):
             x = model_input(data.images, idx, preprocess, aug, device)
-            losses.append(optimizer_step(opt, sched, F.cross_entropy(model(x), labels[idx].to(device))))
+            with autocast(device, training=True):  # bf16 on CUDA, a no-op on the CPU (stages/accel.py)
+                loss = F.cross_entropy(model(x), to_device(labels[idx], device))
+            losses.append(optimizer_step(opt, sched, loss))
         history.append(float(np.mean(losses)))
         if on_epoch:
             on_epoch(epoch, history[-1])
@@ -100,6 +103,7 @@ def predict(fn: Callable[[torch.Tensor], torch.Tensor], preprocess: Preprocess, 
     """
     outs = []
     for s in range(0, len(images), batch_size):
-        x = preprocess(images[s:s + batch_size]).to(device)  # (b, C, H, W) float32
-        outs.append(fn(x).float().cpu().numpy())
+        x = to_device(preprocess(images[s:s + batch_size]), device)  # (b, C, H, W) float32
+        with autocast(device):
+            outs.append(fn(x).float().cpu().numpy())
     return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)

@@ -18,7 +18,6 @@ Plain torch, no Ray: :func:`multi_distill_local` runs it in-process; the Ray Tra
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -29,39 +28,17 @@ from torch import nn
 from orchestrator.config import SourceDistillConfig, SourceTransferConfig
 from orchestrator.data.images import ImageSet
 from orchestrator.models.preprocess import Preprocess
+from orchestrator.stages.accel import autocast, prepare_model, to_device
 from orchestrator.stages.loop import model_input
 from orchestrator.stages.losses import LOSSES
-
-
-def steps_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
-    """Optimizer steps of one pass over N transfer images on ``world`` workers: ceil(N / (batch x world))."""
-    return max(1, math.ceil(n / (batch_size * world)))
-
-
-def batch_indices(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1):
-    """Yield rank ``rank``'s (b,) int64 index batches of epoch ``epoch``: a (seed, epoch) permutation padded by
-    wrap-around so every rank gets :func:`steps_per_epoch` batches (DDP ranks stay in step)."""
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    steps = steps_per_epoch(n, batch_size, world)
-    order = np.resize(order, steps * batch_size * world)
-    for s in range(steps):
-        start = (s * world + rank) * batch_size
-        yield order[start:start + batch_size]
+from orchestrator.stages.schedule import distill_plan, optimizer_step
+from orchestrator.stages.schedule import make_optimizer as _make_optimizer
 
 
 def make_optimizer(model: nn.Module, cfg: SourceDistillConfig, n: int, world: int = 1):
-    """AdamW(lr, weight_decay) and a linear warm-up (5% of the steps, at most 200) + cosine decay to 0 over
-    ``cfg.epochs`` passes of N images on ``world`` workers. Returns (optimizer, LambdaLR)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total = cfg.epochs * steps_per_epoch(n, cfg.batch_size, world)
-    warm = min(200, total // 20)
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, f)
+    """AdamW(lr, weight_decay) and the warm-up + cosine schedule of :func:`~orchestrator.stages.schedule.distill_plan`
+    (the budget of ``cfg`` on N transfer images on ``world`` workers). Returns (optimizer, LambdaLR)."""
+    return _make_optimizer(model.parameters(), cfg, distill_plan(n, cfg, world))
 
 
 def new_log() -> dict:
@@ -123,10 +100,10 @@ def batch_loss(model: nn.Module, x: torch.Tensor, idx: np.ndarray, data: MultiDi
             continue
         term = torch.zeros((), device=device)
         if cfg.kd_weight:
-            q = torch.from_numpy(np.asarray(s.pseudo[idx], dtype=np.float32)).to(device)  # (B, C)
+            q = to_device(torch.from_numpy(np.asarray(s.pseudo[idx], dtype=np.float32)), device)  # (B, C)
             term = term + cfg.kd_weight * kd(logits, q, cfg.temperature)
         if cfg.feature_weight:
-            g = torch.from_numpy(np.asarray(s.features[idx], dtype=np.float32)).to(device)  # (B, D_s)
+            g = to_device(torch.from_numpy(np.asarray(s.features[idx], dtype=np.float32)), device)  # (B, D_s)
             term = term + cfg.feature_weight * cos(pf, g)
         loss = loss + s.weight * term
     return loss
@@ -142,31 +119,29 @@ def multi_distill_epoch(model: nn.Module, opt, sched, data: MultiDistillData, pr
     ce = LOSSES.get("ce")
     lab_rng = np.random.default_rng([seed, epoch, rank, 11])
     losses = []
-    for idx in batch_indices(len(data.images), d.batch_size, seed, epoch, rank, world):
+    for idx in distill_plan(len(data.images), d, world).batches(seed, epoch, rank):
         x = model_input(data.images, idx, preprocess, d.augment, device)  # (B, C, H, W) float32
-        loss = batch_loss(model, x, idx, data, cfg, device)
-        if cfg.ce_weight > 0 and data.labeled is not None and len(data.labeled):
-            li = lab_rng.choice(len(data.labeled), size=min(d.batch_size, len(data.labeled)), replace=False)
-            xl = model_input(data.labeled.images, li, preprocess, d.augment, device)
-            loss = loss + cfg.ce_weight * ce(model(xl)[0], torch.from_numpy(data.labeled.labels[li]).to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        with autocast(device, training=True):  # bf16 on CUDA, a no-op on the CPU (stages/accel.py)
+            loss = batch_loss(model, x, idx, data, cfg, device)
+            if cfg.ce_weight > 0 and data.labeled is not None and len(data.labeled):
+                li = lab_rng.choice(len(data.labeled), size=min(d.batch_size, len(data.labeled)), replace=False)
+                xl = model_input(data.labeled.images, li, preprocess, d.augment, device)
+                yl = to_device(torch.from_numpy(data.labeled.labels[li]), device)
+                loss = loss + cfg.ce_weight * ce(model(xl)[0], yl)
+        losses.append(optimizer_step(opt, sched, loss))
     return float(np.mean(losses))
 
 
 def multi_distill_local(student: nn.Module, data: MultiDistillData, preprocess: Preprocess,
                         cfg: SourceTransferConfig, seed: int = 0, device: str = "cpu") -> tuple[nn.Module, dict]:
-    """Distill ``student`` from ``data.sources`` in this process for ``cfg.distill.epochs`` epochs (AdamW,
-    warm-up + cosine). Returns (the trained student, on ``device``; log ``{"loss", "seconds", "starts"}``)."""
+    """Distill ``student`` from ``data.sources`` in this process for the budget of ``cfg.distill``
+    (:func:`~orchestrator.stages.schedule.distill_plan`: steps or epochs; AdamW, warm-up + cosine). Returns (the trained student, on ``device``; log ``{"loss", "seconds", "starts"}``)."""
     torch.manual_seed(seed)
-    model = MultiSourceStudent(student, [s.features.shape[1] for s in data.sources]).to(device)
+    model = prepare_model(MultiSourceStudent(student, [s.features.shape[1] for s in data.sources]), device)
     opt, sched = make_optimizer(model, cfg.distill, len(data.images))
     log = new_log()
     log["starts"].append(0)
-    for epoch in range(cfg.distill.epochs):
+    for epoch in range(distill_plan(len(data.images), cfg.distill).epochs):
         t0 = time.perf_counter()
         log["loss"].append(multi_distill_epoch(model, opt, sched, data, preprocess, cfg, epoch, seed, device=device))
         log["seconds"].append(time.perf_counter() - t0)

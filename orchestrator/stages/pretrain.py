@@ -32,7 +32,8 @@ def standin_provenance(cfg: StandinConfig, num_images: int) -> str:
 
 
 def pretrain_standin(images: np.ndarray, cfg: StandinConfig, mean: list[float], std: list[float],
-                     device: str = "cpu", on_epoch: Callable[[int, float], None] | None = None) -> Teacher:
+                     device: str = "cpu", on_epoch: Callable[[int, float], None] | None = None,
+                     hflip: bool = True) -> Teacher:
     """Train the stand-in teacher's backbone self-supervised.
 
     Args:
@@ -41,6 +42,7 @@ def pretrain_standin(images: np.ndarray, cfg: StandinConfig, mean: list[float], 
         mean, std: per-channel pixel statistics of the task ([0, 1] scale), used as the stand-in's
             normalisation (a 1-channel statistic is repeated for an RGB stand-in).
         on_epoch: called with (epoch, mean NT-Xent loss).
+        hflip: whether the SimCLR views may be mirrored (the task's ``AugmentPolicy.hflip``).
     Returns:
         Teacher without a head, whose ``preprocess`` is (cfg.channels, cfg.input_size^2, mean, std).
     """
@@ -54,14 +56,15 @@ def pretrain_standin(images: np.ndarray, cfg: StandinConfig, mean: list[float], 
     log.warning("%s", teacher.provenance)
     pretrain_simclr(teacher.backbone, teacher.feature_dim, images, teacher.preprocess, cfg.epochs,
                     cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.temperature, cfg.proj_dim, cfg.seed, device,
-                    on_epoch, label="stand-in SimCLR")
+                    on_epoch, label="stand-in SimCLR", hflip=hflip)
     return teacher.eval()
 
 
 def pretrain_simclr(encoder: torch.nn.Module, feature_dim: int, images: np.ndarray, preprocess: Preprocess,
                     epochs: int, batch_size: int, lr: float, weight_decay: float, temperature: float,
                     proj_dim: int, seed: int = 0, device: str = "cpu",
-                    on_epoch: Callable[[int, float], None] | None = None, label: str = "SimCLR") -> list[float]:
+                    on_epoch: Callable[[int, float], None] | None = None, label: str = "SimCLR",
+                    hflip: bool = True) -> list[float]:
     """SimCLR (Chen et al. 2020, NT-Xent loss Eq. 1, lightly's ``NTXentLoss`` and projection head) on
     unlabeled images, training ``encoder`` in place.
 
@@ -69,6 +72,8 @@ def pretrain_simclr(encoder: torch.nn.Module, feature_dim: int, images: np.ndarr
         encoder: (B, C, H, W) float32 -> (B, feature_dim) float32 features. images: (N, H, W, C) uint8.
         preprocess: the encoder's input (views are made in [0, 1], then normalised by it).
         on_epoch: called with (epoch, mean loss).
+        hflip: mirror views with probability 0.5 (pass the task's ``AugmentPolicy.hflip``: a digit's mirror image
+            is not the same digit, so its views must not be mirrored).
     Returns:
         Mean NT-Xent loss per epoch (list of float).
     """
@@ -92,8 +97,8 @@ def pretrain_simclr(encoder: torch.nn.Module, feature_dim: int, images: np.ndarr
                      desc=f"{label} epoch {epoch + 1}/{epochs}", leave=False, disable=not sys.stderr.isatty())
         for idx in steps:
             x = to_unit(torch.from_numpy(np.ascontiguousarray(images[idx])))  # (B, C, H, W) float32 in [0, 1]
-            v1 = preprocess.from_unit(simclr_view(x, gen)).to(device)
-            v2 = preprocess.from_unit(simclr_view(x, gen)).to(device)
+            v1 = preprocess.from_unit(simclr_view(x, gen, hflip)).to(device)
+            v2 = preprocess.from_unit(simclr_view(x, gen, hflip)).to(device)
             loss = criterion(model(v1), model(v2))
             opt.zero_grad(set_to_none=True)
             loss.backward()

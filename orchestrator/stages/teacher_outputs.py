@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from orchestrator.stages.accel import autocast, prepare_model, to_device
+
 
 class TeacherPredictor:
     """Load a teacher checkpoint once; map batches ``{"image": (B, H, W, C) uint8, "index": (B,) int64}`` to
@@ -30,14 +32,16 @@ class TeacherPredictor:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.teacher = load_model_checkpoint(checkpoint).to(self.device).eval()
+        self.teacher = prepare_model(load_model_checkpoint(checkpoint), self.device).eval()  # channels-last on CUDA
         self.features = features
 
     @torch.no_grad()  # not inference_mode: online distillation uses the outputs as targets in a graph
     def outputs(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, H, W, C) uint8 -> ((B, K) logits, (B, D) features), float32 on ``self.device``."""
-        f = self.teacher.features(self.teacher.preprocess(np.asarray(images)).to(self.device)).float()
-        return self.teacher.head(f).float(), f
+        x = to_device(self.teacher.preprocess(np.asarray(images)), self.device)  # (B, C, H, W) float32
+        with autocast(self.device):  # bf16 (or fp16) on CUDA, a no-op on the CPU (stages/accel.py)
+            f = self.teacher.features(x).float()  # (B, D) float32
+            return self.teacher.head(f).float(), f
 
     def __call__(self, batch: dict) -> dict:
         logits, f = self.outputs(batch["image"])

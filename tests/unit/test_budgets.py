@@ -77,6 +77,15 @@ def test_default_budgets_documented_rule():
     small, large = distill_plan(1337, d, 2), distill_plan(59_400, d, 2)
     assert small.total_steps == large.total_steps == 2000
     assert TrainConfig().budget() == ("epochs", 30, None)
+    # paper 2's multi-source distillation has the same budget and plan
+    from orchestrator.config import SourceDistillConfig
+
+    s = SourceDistillConfig()
+    assert s.budget() == ("steps", 2000, 100)
+    assert distill_plan(1337, s, 2).total_steps == distill_plan(59_400, s, 2).total_steps == 2000
+    assert distill_plan(2000, SourceDistillConfig(epochs=6, batch_size=128), 1).total_steps == 6 * 16
+    with pytest.raises(ValueError, match="only one budget"):
+        SourceDistillConfig(epochs=3, steps=100)
 
 
 def test_steps_budget_batches_span_passes_and_are_resumable():
@@ -287,3 +296,37 @@ def test_the_task_policy_reaches_every_training_loop(monkeypatch, tmp_path):
     assert "augment: dict | None = None" in ray_src and "augment=augment)" in ray_src
     assert "distill_epoch(ddp, opt, sched, data, pre, cfg, epoch, config[\"seed\"], rank, world, device, augment)" \
         in ray_src
+
+
+def test_fixmatch_weak_and_strong_views_follow_the_task_flip():
+    from orchestrator.stages.fixmatch import StrongView, weak_view
+
+    img = np.zeros((64, 8, 8, 1), np.uint8)
+    img[:, :, :4] = 255  # left half white: a mirrored copy has it on the right
+    no_flip = AugmentPolicy(hflip=False, max_shift=0.0)
+    torch.manual_seed(0)
+    assert torch.equal(weak_view(img, no_flip), torch.from_numpy(img).permute(0, 3, 1, 2).float() / 255)
+    flipped = weak_view(img, AugmentPolicy(hflip=True, max_shift=0.0))[:, 0]  # (64, 8, 8)
+    assert 0 < int((flipped[:, :, 0] == 0).all(dim=1).sum()) < 64  # some mirrored, some not
+    strong = StrongView(1, 0.0, 0, no_flip)
+    strong.ras = [lambda t: t] * len(strong.ras)  # only the weak part: RandAugment may rotate or shear
+    assert (strong(img)[:, 0, :, :4].mean() > strong(img)[:, 0, :, 4:].mean())
+
+
+def test_teacher_finetune_gets_the_task_policy(monkeypatch):
+    from orchestrator.config import TeacherConfig
+    from orchestrator.stages import adapt_teacher as at
+
+    seen = []
+    monkeypatch.setattr(at, "train_supervised", lambda *a, **k: seen.append(k.get("augment")))
+    monkeypatch.setattr(at, "predict", lambda fn, pre, images, *a: np.zeros((len(images), 4), np.float32))
+
+    class T(torch.nn.Module):
+        preprocess = PRE
+
+        def features(self, x):
+            return x
+
+    policy = load_config(ROOT / "tasks" / "mnist.yaml").data.augment_policy()
+    at.adapt_teacher(T(), squares(20), 10, TeacherConfig(adapt="finetune", probe_epochs=1), augment=policy)
+    assert seen == [policy] and seen[0].hflip is False

@@ -66,3 +66,19 @@ def test_python_api_uses_the_same_funnel():
     with pytest.raises(ConfigError, match="out of range"):
         orchestrator.run(str(TASK), overrides=["labels.label_fraction=2"])
     assert orchestrator.load_config(TASK, smoke=True).name == "fashion_mnist_smoke"
+
+
+def test_python_api_functions_stay_functions_after_their_modules_load():
+    """A package function named like a submodule is replaced by the module when that submodule is imported
+    (``orchestrator.predict`` used to be): every API entry point stays callable after every module loads."""
+    import importlib
+    import pkgutil
+
+    import orchestrator
+
+    for m in pkgutil.iter_modules(orchestrator.__path__):
+        if not m.ispkg and m.name not in ("cli", "cli_jobs", "cli_common"):
+            importlib.import_module(f"orchestrator.{m.name}")
+    for name in orchestrator.__all__:
+        if name != "PipelineConfig":
+            assert callable(getattr(orchestrator, name)) and not isinstance(getattr(orchestrator, name), type(orchestrator)), name

@@ -68,7 +68,7 @@ def test_a_teacher_free_sweep_prepares_no_teacher_and_its_trial_trains_the_metho
 
 
 def test_compare_leaves_out_the_zoo_methods_unless_the_task_has_a_zoo():
-    from orchestrator.compare import default_methods
+    from orchestrator.comparison import default_methods
 
     plain = default_methods(load_config(TASK, smoke=True))
     assert plain[:3] == ["task_oriented", "task_agnostic", "ssl_pretrain"] and "fixmatch" in plain
