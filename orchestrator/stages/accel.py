@@ -44,16 +44,17 @@ def autocast(device: torch.device | str | None, training: bool = False):
     return torch.autocast("cuda", dtype=dtype) if dtype is not None else nullcontext()
 
 
-def to_device(x: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
-    """Move a host tensor to ``device``. On CUDA: pinned, non-blocking, and a (B, C, H, W) batch in channels-last;
-    on the CPU: ``x`` itself (no copy)."""
+def to_device(x: torch.Tensor, device: torch.device | str | None, channels_last: bool = True) -> torch.Tensor:
+    """Move a host tensor to ``device``. On CUDA: pinned, non-blocking, and (``channels_last``) a (B, C, H, W)
+    batch in channels-last; on the CPU: ``x`` itself (no copy). Pass ``channels_last=False`` for a 4-D tensor
+    that is not NCHW (e.g. (B, H, W, C) uint8 images, already NHWC in memory)."""
     if not is_cuda(device):
         return x if device is None or x.device == torch.device(device) else x.to(device)
     if x.device.type == "cpu":
         x = x.pin_memory().to(device, non_blocking=True)
     else:
         x = x.to(device)
-    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
 
 
 def prepare_model(model: nn.Module, device: torch.device | str | None) -> nn.Module:

@@ -70,7 +70,8 @@ def test_gpu_path_matches_the_cpu_within_bf16_tolerance(tiny):
     model, pre, images = tiny
     cpu = predict(model, pre, images)
     gpu_model = accel.prepare_model(model, "cuda")
-    assert gpu_model.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    conv = next(m for m in gpu_model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     gpu = predict(gpu_model, pre, images, device="cuda")
     assert gpu.dtype == np.float32
     assert (cpu.argmax(1) == gpu.argmax(1)).mean() > 0.95
