@@ -18,6 +18,7 @@ Usage (the defaults are sized for ~20-25 minutes on a contended 2-core CPU, with
 
     .venv/bin/python benchmarks/source_selection.py [--tasks fashion_mnist,mnist] [--seeds 0,1]
         [--storage /tmp/kt_source_selection] [--demo-storage /tmp/zoo_check] [--ray] [--distill-actual]
+        [--rank-only]
 """
 from __future__ import annotations
 
@@ -117,6 +118,9 @@ def print_tables(results: list[dict], wall: float, seeds: list[int]) -> None:
         con.print(t)
         con.print("  actual top-1 per source: " + ", ".join(
             f"{s['source']} {100 * s['actual_top1']:.1f}" for s in sorted(rank.sources, key=lambda s: -s["actual_top1"])))
+    if not any(r["rows"] for r in results):  # --rank-only: table (a) alone
+        con.print(f"wall time {wall / 60:.1f} min")
+        return
     t = Table(title=f"(b) test top-1 (%) mean ± std over seeds {seeds}, transfer TFLOPs")
     t.add_column("method", justify="left")
     for r in results:
@@ -149,12 +153,13 @@ def main() -> None:
     ap.add_argument("--ray", action="store_true", help="distil on Ray Train (default in-process: the same loop; "
                     "Ray Train's per-run start-up would dominate these small runs on 2 cores)")
     ap.add_argument("--distill-actual", action="store_true", help="actual accuracy = single-source distillation")
+    ap.add_argument("--rank-only", action="store_true", help="table (a) only: no method runs")
     ap.add_argument("--set", action="append", default=[], help="extra config overrides (key=value)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("orchestrator", "ray", "timm", "mlflow", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = [] if args.rank_only else [int(s) for s in args.seeds.split(",")]
     t0 = time.perf_counter()
     results = []
     for name in args.tasks.split(","):

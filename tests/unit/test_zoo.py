@@ -133,3 +133,23 @@ def test_source_outputs_refuses_a_model_without_head():
 
     with pytest.raises(ValueError, match="no classifier head"):
         source_outputs(load_teacher("timm/resnet10t", TINY_RESNET), np.zeros((2, 28, 28), np.uint8))
+
+
+def test_font_digits_task_is_an_image_folder_with_unseen_test_fonts(tmp_path):
+    from orchestrator.config import DatasetConfig
+    from orchestrator.data import load_task_data
+    from orchestrator.demo_tasks import build_font_digits
+
+    root = tmp_path / "font_digits"
+    info = build_font_digits(root, per_font=1)
+    fonts = info["fonts"]
+    assert info["train"] + info["test"] == 10 * fonts and 0 < info["test"] < info["train"]
+    assert info["test"] % 10 == 0  # whole fonts: every digit of a held-out font is in test
+    data = load_task_data(DatasetConfig(format="image_folder", root=str(root), channels=1))
+    assert data.classes == [str(d) for d in range(10)] and data.train.images.shape[1:] == (28, 28, 1)
+    assert len(data.train) == info["train"] and np.bincount(data.test.labels).tolist() == [info["test"] // 10] * 10
+    assert DatasetConfig(format="image_folder", root=str(root)).augment_policy().hflip is False
+    stamp = (root / "task.json").stat().st_mtime_ns
+    assert build_font_digits(root, per_font=1) == info and (root / "task.json").stat().st_mtime_ns == stamp
+    assert build_font_digits(root, per_font=2)["train"] > info["train"]  # another build replaces it whole
+    assert not list(tmp_path.glob(".font_digits.tmp-*"))
