@@ -18,9 +18,18 @@ def print_run(result) -> None:
                   f"{r['params'] / 1e6:.2f}")
     con.print(t)
     m = result.metrics
+    ft = result.stages.get("finetune", {})
+    if "kept" in ft:
+        con.print(finetune_line(ft))
     if "gain_over_supervised" in m:
-        con.print(f"gain over supervised-only: {100 * m['gain_over_supervised']:+.2f} points; "
-                  f"student vs teacher: {100 * (m['student_top1'] - m['teacher_top1']):+.2f} points")
+        vs_teacher = (f"; student vs teacher: {100 * (m['student_top1'] - m['teacher_top1']):+.2f} points"
+                      if "teacher_top1" in m else "")
+        con.print(f"gain over supervised-only: {100 * m['gain_over_supervised']:+.2f} points{vs_teacher}")
+        if m["gain_over_supervised"] < 0:
+            con.print(f"[yellow]transfer did not beat the labels alone here ({100 * m['gain_over_supervised']:+.2f} "
+                      "points on test): the supervised-only student is the better model for this task as run. Try "
+                      "a longer distillation (distill.steps), another teacher or transfer set, or `kt compare` to "
+                      "see every method on these labels[/]")
     con.print(f"transfer compute: {m['transfer_flops_total'] / 1e12:.3f} TFLOPs, "
               f"{m['transfer_device_seconds_total']:.0f} device-seconds, {int(m['transfer_images_total'])} images; "
               f"wall {m['wall_seconds_total']:.0f} s")
@@ -28,6 +37,18 @@ def print_run(result) -> None:
     con.print(f"MLflow store: {result.tracking_uri}")
     if result.tracking_uri.startswith("sqlite:"):
         con.print(f"  view it: mlflow ui --backend-store-uri {result.tracking_uri}")
+
+
+def finetune_line(ft: dict) -> str:
+    """One line on what the finetune after distillation did (its stage record: ``kept`` 1/0, ``checked``,
+    ``val_top1_before``/``after`` in [0, 1])."""
+    if not ft.get("checked"):
+        return ("finetune: kept unchecked (no validation split: set labels.val_per_class to let keep_better "
+                "choose between the distilled and the finetuned student)")
+    before, after = 100 * ft["val_top1_before"], 100 * ft["val_top1_after"]
+    if ft["kept"]:
+        return f"finetune: kept (validation top-1 {before:.2f}% -> {after:.2f}%)"
+    return f"finetune: reverted to the distilled student (validation top-1 would drop {before:.2f}% -> {after:.2f}%)"
 
 
 def _fmt(v, scale: float = 1.0, spec: str = ".1f") -> str:
