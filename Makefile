@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TASK ?= tasks/fashion_mnist.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup data demo demo-run demo-retrieval test bench soak clean-cache
+.PHONY: setup data demo demo-run demo-retrieval demo-font-digits test bench recipe soak clean-cache
 
 $(BIN)/kt: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -39,8 +39,17 @@ demo-retrieval: setup
 	$(BIN)/kt make-demo-pool $(TASK)
 	$(BIN)/kt run tasks/fashion_mnist_retrieval.yaml
 
+# a user-style ImageFolder task: the digits 0-9 rendered in the machine's fonts (orchestrator/demo_tasks.py)
+demo-font-digits: setup
+	$(BIN)/kt make-font-digits
+	$(BIN)/kt run tasks/font_digits.yaml
+
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# the default recipe on every shipped task x 3 seeds (about an hour on 2 cores per seed round)
+recipe: setup
+	$(BIN)/python benchmarks/recipe_matrix.py
 
 # SIGKILL a sweep, a run, a Ray Train worker and a worker node at 13 points, resume, check the invariants
 soak: setup
