@@ -51,7 +51,7 @@ def test_smoke_run_every_stage_tracked(smoke_run):
     m = parent.data.metrics
     assert 0.1 < m["student_top1"] <= 1 and 0.1 < m["teacher_top1"] <= 1
     assert m["transfer_flops_total"] > 0 and m["transfer_device_seconds_total"] > 0
-    assert kids["teacher_inference"].data.metrics["teacher_forward_passes"] == 1900
+    assert kids["teacher_inference"].data.metrics["teacher_forward_passes"] == 1850  # 2,000 - 100 labeled - 50 val
     assert kids["distill"].data.metrics["epochs"] == 2
     assert parent.data.params["distill.temperature"] == "4.0"
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
