@@ -1,5 +1,7 @@
 """The GPU path (orchestrator/stages/accel.py): what it chooses on CUDA, and that the CPU path is untouched
 (bit-exact against a plain loop). A CUDA-only check runs where a GPU is visible (never in CI)."""
+from contextlib import nullcontext
+
 import numpy as np
 import pytest
 import torch
@@ -52,17 +54,9 @@ def test_cuda_precision_choice(monkeypatch, bf16, training, want):
 
 def test_cuda_autocast_context_carries_the_dtype(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    with pytest.warns(UserWarning) if not torch.cuda.is_available() else _nothing():
+    with pytest.warns(UserWarning) if not torch.cuda.is_available() else nullcontext():
         ctx = accel.autocast("cuda", training=True)
     assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16 and ctx.device == "cuda"
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the device tool's; never in CI)")
