@@ -80,7 +80,8 @@ def stage_distill(ctx: Ctx, outputs: Path, name: str = "distill", record_as: str
             vt = tlog.get("val_top1", [])
             ctx.tracker.metrics({f"{name}_loss": loss, **({f"{name}_val_top1": vt[e]} if len(vt) > e else {})}, step=e)
         out.update(epochs=epochs, resumed_at_epoch=max(tlog["starts"]), restarts=len(tlog["starts"]) - 1,
-                   final_loss=tlog["loss"][-1], train_flops_per_image=per_img, teacher_forward_passes=teacher_passes)
+                   final_loss=tlog["loss"][-1], train_flops_per_image=per_img, teacher_forward_passes=teacher_passes,
+                   per_epoch={k: tlog[k] for k in ("loss", "val_top1") if k in tlog})  # lists, not logged as numbers
         return student
 
     run = run_stage(ctx, name, body, devices=world, record_as=record_as or name, after=lambda r: out)

@@ -189,12 +189,24 @@ class TrialLedger(tune.Callback):
         if run_id is None:
             return
         step = result_step(result)
+        if result.get("kt_earlier"):
+            self._timed(trial, self._backfill, run_id, result["kt_earlier"])
         if run_id in self._reopened and step in self.runs.logged_steps(run_id, "val_top1"):
             return  # logged by the killed driver before (a committed trial re-reporting its result): once only
         metrics = {k: v for k, v in result.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in _TUNE_NOISE}
         tags = {f"kt.{k}": str(v) for k, v in (result.get("kt_tags") or {}).items()}
         self._timed(trial, self.runs.log, run_id, metrics, step, tags)
+
+    def _backfill(self, run_id: str, earlier: dict[str, list[float]]) -> None:
+        """Log ``kt_earlier`` (per-epoch ``loss``/``val_top1`` lists: from a resumed Ray Train run's checkpoint
+        in its first report, and in a trial's final report) at the steps (1-based epochs) the child run does not
+        have yet: a killed driver can die after an epoch's checkpoint was persisted and before it logged that
+        epoch's report, and the resumed run does not report that epoch again."""
+        have = self.runs.logged_steps(run_id, "loss")
+        for i in range(max(map(len, earlier.values()), default=0)):
+            if i + 1 not in have:
+                self.runs.log(run_id, {k: float(v[i]) for k, v in earlier.items() if len(v) > i}, i + 1)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         final = bool((trial.last_result or {}).get("kt_final"))

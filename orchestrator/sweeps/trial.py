@@ -132,8 +132,9 @@ def run_trial(sctx: SweepContext, trial_id: str, labels: dict[str, Any], report:
     epoch checkpoint) and reports every epoch through ``callbacks`` (Tune's TuneReportCallback); the
     finetune stage (paper stage 3) and evaluation run here. The final report has ``val_top1`` (after
     finetuning: the objective), ``test_top1``, ``student_flops`` (forward FLOPs per image), ``device_seconds``
-    (distill + finetune), ``train_flops``, ``images_seen``, ``kt_final`` = 1, ``kt_tags`` (str values) and
-    ``kt_params`` (the drawn labels). Its commit is ``trials/<id>/final.json``, written atomically before the
+    (distill + finetune), ``train_flops``, ``images_seen``, ``kt_final`` = 1, ``kt_tags`` (str values),
+    ``kt_params`` (the drawn labels) and ``kt_earlier`` (per-epoch distillation ``loss``/``val_top1`` lists: the
+    ledger logs any epoch a killed driver missed). Its commit is ``trials/<id>/final.json``, written atomically before the
     report: once it exists, the trial is finished for resume and the ledger (:func:`committed_row`).
     A trial whose configuration equals a finished trial's reuses that result (tag ``reused_from``).
 
@@ -214,7 +215,7 @@ def _train(sctx: SweepContext, cfg: PipelineConfig, trial_id: str, tdir: Path, c
         "images_seen": float(sum(x["images"] for x in train)), "distill_epochs": float(d.get("epochs", 0)),
         "distill_restarts": float(d.get("restarts", 0)),
         "transfer_set_size": float(st.get("transfer_set", {}).get("size", 0)),
-        "teacher_forward_passes": float(passes), "kt_final": 1.0,
+        "teacher_forward_passes": float(passes), "kt_final": 1.0, "kt_earlier": d.get("per_epoch") or {},
         "kt_tags": {"method": cfg.method, "teacher": sctx.teacher_id or "", "transfer_set.source": cfg.transfer_set.source,
                     "student": res.model_id, "trial_dir": str(tdir),
                     **{f"{k}.key": v for k, v in ctx.keys.items() if k in LINEAGE_STAGES}},

@@ -104,3 +104,27 @@ def test_resumed_driver_logs_a_re_reported_result_once():
     assert fake.calls == [("reopen", "r1")]
     ledger.on_trial_result(0, [], trial, {"epoch": 4, "val_top1": 0.6})
     assert fake.calls[-1] == ("log", "r1", 4)
+
+
+def test_resumed_training_run_backfills_the_epochs_a_killed_driver_missed():
+    """The killed driver died after epoch 2's checkpoint was persisted but before it logged that report: the
+    resumed Ray Train run's first report carries the earlier epochs (``kt_earlier``) and the missing step 2 is
+    logged once, with both metrics; steps already logged are not logged again."""
+    from orchestrator.ray_adapters.tune import TrialLedger
+
+    ledger = TrialLedger("sqlite:///unused.db", "0", "parent", "/tmp", "s", row=dict, total=1)
+    ledger._client = fake = _FakeRuns()
+    fake.logged["r1"] = {1}
+    logged = []
+    fake.log = lambda run_id, metrics, step, tags=None: logged.append((step, metrics))
+    trial = SimpleNamespace(trial_id="t1", config={})
+    ledger.on_trial_result(0, [], trial, {"epoch": 3, "loss": 0.7, "val_top1": 0.4,
+                                          "kt_earlier": {"loss": [0.9, 0.8], "val_top1": [0.2, 0.3]}})
+    assert logged[0] == (2, {"loss": 0.8, "val_top1": 0.3})
+    assert [s for s, _ in logged] == [2, 3] and logged[1][1]["val_top1"] == 0.4
+    assert "kt_earlier" not in logged[1][1]
+    logged.clear()
+    fake.logged["r1"] = {1, 2, 3}
+    ledger.on_trial_result(0, [], trial, {"kt_final": 1.0, "distill_epochs": 3.0, "val_top1": 0.5,
+                                          "kt_earlier": {"loss": [0.9, 0.8, 0.7], "val_top1": [0.2, 0.3, 0.4]}})
+    assert [s for s, _ in logged] == [4]  # the final report (after finetuning), nothing twice
