@@ -114,13 +114,14 @@ def load_parts(index_dir: Path, nprobe: int | None, ef_search: int | None):
     """Every part of the index loaded and kept: returns (search(queries, k) -> ids (Q, k), RSS growth in
     bytes)."""
     from orchestrator.stages import index as ix
+    from orchestrator.stages import index_search as ixs
 
-    info = ix.load_index_info(index_dir)
+    info = ixs.load_index_info(index_dir)
     plan = ix.IndexPlan.from_dict(info["plan"])
     rss0 = rss_bytes()
-    parts = [ix.load_part(index_dir / p["file"], plan, nprobe, ef_search) for p in info["parts"]]
+    parts = [ixs.load_part(index_dir / p["file"], plan, nprobe, ef_search) for p in info["parts"]]
     rss = rss_bytes() - rss0
-    return lambda queries, k: ix.merge_topk([ix.search_loaded(p, queries, k) for p in parts], k)[1], rss
+    return lambda queries, k: ixs.merge_topk([ixs.search_loaded(p, queries, k) for p in parts], k)[1], rss
 
 
 def best_of(searches: dict, queries: np.ndarray, k: int, repeats: int) -> dict:
@@ -173,25 +174,26 @@ def main() -> None:
 def run(args, tmp: Path, threads: int) -> None:
     """Write the shards, measure exact and approximate search, print the figures."""
     from orchestrator.stages import index as ix
+    from orchestrator.stages import index_search as ixs
 
     q, k, n = args.queries, args.k, args.n
     (paths, queries), gen_s = timed(write_shards, tmp / "shards", args)
-    (truth_scores, truth), exact_stream_s = timed(ix.exact_search, paths, queries, k)
+    (truth_scores, truth), exact_stream_s = timed(ixs.exact_search, paths, queries, k)
 
     plan = ix.plan_index(n, args.dim, int(args.memory_budget_gb * 2**30), kind=args.kind)
     meta = {"embedder": "synthetic"}
-    built = (tmp / "index" / "index.json").exists() and ix.load_index_info(tmp / "index")
+    built = (tmp / "index" / "index.json").exists() and ixs.load_index_info(tmp / "index")
     reused = bool(built) and built["plan"] == plan.to_dict() and built["n"] == n
     if not reused:
         ix.build_index(paths, plan, tmp / "index", meta, args.seed, threads)
-    info = ix.load_index_info(tmp / "index")
+    info = ixs.load_index_info(tmp / "index")
     secs = info["seconds"]
     approx, rss = load_parts(tmp / "index", args.nprobe, args.ef_search)
     exact = load_flat(paths, args.dim)
     best = best_of({"exact": exact, "approx": approx}, queries, k, args.repeats)
     (exact_ids, exact_s), (ids, approx_s) = best["exact"], best["approx"]
     del exact, approx
-    e2e_ids, e2e_s = timed(lambda: ix.search_index(tmp / "index", queries, k, meta, args.nprobe,
+    e2e_ids, e2e_s = timed(lambda: ixs.search_index(tmp / "index", queries, k, meta, args.nprobe,
                                                    args.ef_search)[1])
     assert np.array_equal(e2e_ids, ids), "search_index and the in-memory parts disagree"
     disk = sum((tmp / "index" / p["file"]).stat().st_size for p in info["parts"])

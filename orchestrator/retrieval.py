@@ -251,7 +251,7 @@ def curated_manifest(ctx, rcfg: RetrievalConfig, emb: Embedder, entry: Path, n: 
     """Search the index with the labeled images and curate (cached by index, queries and settings)."""
     from orchestrator.stages.curate import per_query_share, search_depth
     from orchestrator.stages.embed import embed_images, load_embedder
-    from orchestrator.stages.index import search_index
+    from orchestrator.stages.index_search import search_index
 
     index_dir = ensure_index(rcfg, entry, emb, n, ctx.cache)
     labeled = ctx.task.train.subset(ctx.split.labeled)

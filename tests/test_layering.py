@@ -27,7 +27,8 @@ ALLOWED = {
     "retrieval": FOUNDATION | {"data", "models", "stages", "ray_adapters"},
     "transfer": FOUNDATION | {"data", "stages", "retrieval"},
     "standin": FOUNDATION | {"data", "models", "stages"},
-    "demo_pool": FOUNDATION | {"data", "stages"},
+    "demo_sources": set(),  # the demo pool's real offline images (fonts, icons, photos, digits)
+    "demo_pool": FOUNDATION | {"data", "stages", "demo_sources"},
     "zoo": FOUNDATION | {"data", "models", "stages"},
     "demo_tasks": FOUNDATION | {"data", "zoo"},  # offline target tasks written as ImageFolders
     "methods": FOUNDATION | {"data", "models", "stages", "ray_adapters", "graph", "run_context", "retrieval",

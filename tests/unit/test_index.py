@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from orchestrator.stages import index as ix
+from orchestrator.stages import index_search as ixs
 from orchestrator.stages.embedding_io import pool_id, write_embedding_shard
 
 D, SHARD_ROWS, SHARDS = 32, 1500, 4  # 6,000 vectors; shard indices 3, 5, 7, 9 give distinctive pool ids
@@ -47,7 +48,7 @@ def queries():
 
 @pytest.fixture(scope="module")
 def truth(pool, queries):
-    return ix.exact_search(pool[0], queries, 10)
+    return ixs.exact_search(pool[0], queries, 10)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def test_exact_search_matches_numpy_brute_force(pool, queries, truth):
 def test_flat_index_equals_exact_search(built, queries, truth):
     out, plan = built("flat")
     assert plan.factory == "Flat"
-    scores, ids = ix.search_index(out, queries, 10)
+    scores, ids = ixs.search_index(out, queries, 10)
     assert scores.dtype == np.float32 and ids.dtype == np.int64 and ids.shape == (64, 10)
     np.testing.assert_array_equal(ids, truth[1])
     np.testing.assert_allclose(scores, truth[0], atol=1e-5)
@@ -90,24 +91,24 @@ def test_flat_index_equals_exact_search(built, queries, truth):
 def test_ivf_flat_probing_every_list_is_exact_and_default_nprobe_recalls(built, queries, truth):
     out, plan = built("ivf_flat")
     assert plan.kind == "ivf_flat" and plan.nlist == 128 and plan.factory == "IVF128,Flat"
-    scores, ids = ix.search_index(out, queries, 10, nprobe=plan.nlist)
+    scores, ids = ixs.search_index(out, queries, 10, nprobe=plan.nlist)
     np.testing.assert_array_equal(ids, truth[1])
     np.testing.assert_allclose(scores, truth[0], atol=1e-5)
-    few = ix.search_index(out, queries, 10, nprobe=1)[1]
-    assert recall(few, truth[1]) < recall(ix.search_index(out, queries, 10)[1], truth[1])
-    assert recall(ix.search_index(out, queries, 10)[1], truth[1]) >= 0.95  # plan's default nprobe (16)
+    few = ixs.search_index(out, queries, 10, nprobe=1)[1]
+    assert recall(few, truth[1]) < recall(ixs.search_index(out, queries, 10)[1], truth[1])
+    assert recall(ixs.search_index(out, queries, 10)[1], truth[1]) >= 0.95  # plan's default nprobe (16)
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf_flat", "ivf_pq"])
 def test_several_parts_give_the_same_results_as_one(built, queries, kind):
     one, plan = built(kind)
     many, _ = built(kind, rows_per_part=1000)  # parts cut across 1,500-row shards
-    info = ix.load_index_info(many)
-    assert len(ix.load_index_info(one)["parts"]) == 1 and len(info["parts"]) == 6
+    info = ixs.load_index_info(many)
+    assert len(ixs.load_index_info(one)["parts"]) == 1 and len(info["parts"]) == 6
     assert [p["rows"] for p in info["parts"]] == [1000] * 6 and info["n"] == 6000
     assert info["parts"][1]["shards"] == ["emb-0.parquet", "emb-1.parquet"]
-    s1, i1 = ix.search_index(one, queries, 10)
-    s6, i6 = ix.search_index(many, queries, 10)
+    s1, i1 = ixs.search_index(one, queries, 10)
+    s6, i6 = ixs.search_index(many, queries, 10)
     np.testing.assert_array_equal(i6, i1)
     np.testing.assert_allclose(s6, s1, atol=1e-5)
 
@@ -117,7 +118,7 @@ def test_ids_are_the_pool_ids_written_in_the_shards(pool, built, kind):
     paths, ids, x = pool
     out, _ = built(kind)
     rows = np.array([0, 1499, 1500, 3001, 5999])
-    scores, got = ix.search_index(out, x[rows], 5)  # each stored vector finds itself first
+    scores, got = ixs.search_index(out, x[rows], 5)  # each stored vector finds itself first
     np.testing.assert_array_equal(got[:, 0], ids[rows])
     assert set(got.ravel()) <= set(ids)
     assert got[0, 0] == pool_id(3, 0) and got[-1, 0] == pool_id(9, 1499)
@@ -128,14 +129,14 @@ def test_ids_are_the_pool_ids_written_in_the_shards(pool, built, kind):
 def test_approximate_kinds_recall_against_exact(built, queries, truth, kind, min_recall):
     out, plan = built(kind)
     assert plan.kind == kind
-    assert recall(ix.search_index(out, queries, 10)[1], truth[1]) >= min_recall
+    assert recall(ixs.search_index(out, queries, 10)[1], truth[1]) >= min_recall
 
 
 def test_fewer_than_k_results_are_padded_with_minus_one(pool, tmp_path, queries):
     paths, ids, _ = pool
     plan = ix.plan_index(SHARD_ROWS, D, 2**30)
     out = ix.build_index(paths[:1], plan, tmp_path / "small", META, num_threads=1)
-    scores, got = ix.search_index(out, queries[:3], SHARD_ROWS + 5)
+    scores, got = ixs.search_index(out, queries[:3], SHARD_ROWS + 5)
     assert np.all(got[:, :SHARD_ROWS] >= 0) and np.all(got[:, SHARD_ROWS:] == -1)
     assert np.all(np.isneginf(scores[:, SHARD_ROWS:]))
     assert sorted(got[0, :SHARD_ROWS]) == sorted(ids[:SHARD_ROWS])
@@ -144,7 +145,7 @@ def test_fewer_than_k_results_are_padded_with_minus_one(pool, tmp_path, queries)
 def test_merge_topk_keeps_the_largest_scores():
     a = (np.array([[0.9, 0.1]], np.float32), np.array([[1, 2]], np.int64))
     b = (np.array([[0.5, 0.4]], np.float32), np.array([[3, 4]], np.int64))
-    scores, ids = ix.merge_topk([a, b], 3)
+    scores, ids = ixs.merge_topk([a, b], 3)
     np.testing.assert_array_equal(ids, [[1, 3, 4]])
     np.testing.assert_allclose(scores, [[0.9, 0.5, 0.4]])
 
@@ -153,7 +154,7 @@ def test_merge_topk_keeps_the_largest_scores():
 
 def test_index_json_stores_plan_parts_and_meta_verbatim(built):
     out, plan = built("ivf_flat")
-    info = ix.load_index_info(out)
+    info = ixs.load_index_info(out)
     assert info["meta"] == META and info["n"] == 6000 and info["d"] == D
     assert ix.IndexPlan.from_dict(info["plan"]) == plan == ix.IndexPlan.from_dict(plan.to_dict())
     assert json.loads((out / "index.json").read_text()) == info
@@ -163,18 +164,18 @@ def test_index_json_stores_plan_parts_and_meta_verbatim(built):
 def test_dimension_mismatch_names_both_dimensions(pool, built):
     out, _ = built("flat")
     with pytest.raises(ix.IndexMismatchError, match=r"dimension 16 .*d=32.*rebuild the index"):
-        ix.search_index(out, np.zeros((2, 16), np.float32), 5)
+        ixs.search_index(out, np.zeros((2, 16), np.float32), 5)
     with pytest.raises(ix.IndexMismatchError, match="16"):
-        ix.exact_search(pool[0], np.zeros((2, 16), np.float32), 5)
+        ixs.exact_search(pool[0], np.zeros((2, 16), np.float32), 5)
 
 
 def test_embedder_mismatch_names_both_embedders(built, queries):
     out, _ = built("flat")
     with pytest.raises(ix.IndexMismatchError) as e:
-        ix.search_index(out, queries, 5, expect={"embedder": "open_clip/ViT-B-32:laion2b"})
+        ixs.search_index(out, queries, 5, expect={"embedder": "open_clip/ViT-B-32:laion2b"})
     assert "timm/vit_small:abc123" in str(e.value) and "open_clip/ViT-B-32:laion2b" in str(e.value)
     assert "rebuild" in str(e.value)
-    assert ix.search_index(out, queries, 5, expect={"embedder": META["embedder"]})[1].shape == (64, 5)
+    assert ixs.search_index(out, queries, 5, expect={"embedder": META["embedder"]})[1].shape == (64, 5)
     assert issubclass(ix.IndexMismatchError, ValueError)
 
 
@@ -198,14 +199,14 @@ def test_failed_build_leaves_nothing_and_keeps_a_previous_index(pool, queries, t
 
     monkeypatch.setattr(ix, "fill_part", real_fill)
     good = ix.build_index(paths, plan, tmp_path / "idx", META, num_threads=1)
-    before = ix.search_index(good, queries, 10)
+    before = ixs.search_index(good, queries, 10)
     calls.clear()
     monkeypatch.setattr(ix, "fill_part", failing_fill)
     with pytest.raises(RuntimeError):
         ix.build_index(paths, plan, tmp_path / "idx", {"embedder": "other"}, num_threads=1)
     assert [p.name for p in tmp_path.iterdir()] == ["idx"]
-    assert ix.load_index_info(good)["meta"] == META
-    np.testing.assert_array_equal(ix.search_index(good, queries, 10)[1], before[1])
+    assert ixs.load_index_info(good)["meta"] == META
+    np.testing.assert_array_equal(ixs.search_index(good, queries, 10)[1], before[1])
 
 
 def test_rebuild_replaces_an_existing_index_and_restores_faiss_threads(pool, tmp_path):
@@ -216,7 +217,7 @@ def test_rebuild_replaces_an_existing_index_and_restores_faiss_threads(pool, tmp
     before = faiss.omp_get_max_threads()
     ix.build_index(paths, plan, tmp_path / "idx", {"embedder": "a"})
     ix.build_index(paths[:2], plan, tmp_path / "idx", {"embedder": "b"}, num_threads=1)
-    info = ix.load_index_info(tmp_path / "idx")
+    info = ixs.load_index_info(tmp_path / "idx")
     assert info["meta"] == {"embedder": "b"} and info["n"] == 3000 and info["threads"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["idx"]
     assert faiss.omp_get_max_threads() == before
@@ -224,7 +225,7 @@ def test_rebuild_replaces_an_existing_index_and_restores_faiss_threads(pool, tmp
 
 def test_missing_index_raises_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="build_index"):
-        ix.search_index(tmp_path, np.zeros((1, D), np.float32), 1)
+        ixs.search_index(tmp_path, np.zeros((1, D), np.float32), 1)
 
 
 # --------------------------------------------------------------------------------------- planning
@@ -299,5 +300,5 @@ def test_two_level_kmeans_gives_nlist_unit_centroids_and_a_working_index(pool, q
     np.testing.assert_allclose(np.linalg.norm(cents, axis=1), 1.0, atol=1e-5)
     plan = ix.plan_index(6000, D, 2**30, kind="ivf_flat")
     out = ix.build_index(pool[0], plan, tmp_path / "idx", META, num_threads=1)
-    np.testing.assert_array_equal(ix.search_index(out, queries, 10, nprobe=plan.nlist)[1], truth[1])
-    assert recall(ix.search_index(out, queries, 10)[1], truth[1]) >= 0.95
+    np.testing.assert_array_equal(ixs.search_index(out, queries, 10, nprobe=plan.nlist)[1], truth[1])
+    assert recall(ixs.search_index(out, queries, 10)[1], truth[1]) >= 0.95
