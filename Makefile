@@ -27,7 +27,7 @@ data:
 # The demo's teacher is ImageNet EfficientNet-Lite0 from a PyPI weight package (no pretraining step); with
 # `--set teacher.id=standin/simclr` runs build the local SimCLR stand-in instead (`kt pretrain-teacher $(TASK)`).
 demo: setup
-	$(BIN)/kt make-demo-pool $(TASK)
+	$(BIN)/kt make-demo-pool $(TASK) --max-target 20000   # kt_runs/pools/fashion_mnist_demo_20000
 	# a second `make demo` (or one after an interruption) continues the same sweep
 	$(BIN)/kt sweep search_spaces/quick.yaml --task $(TASK) \
 	  $$(test -f kt_runs/sweeps/quick-fashion_mnist/sweep.json && echo --resume)

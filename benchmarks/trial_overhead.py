@@ -1,6 +1,6 @@
 """Where a sweep trial's wall time goes: its fixed part against its training steps, measured in one run.
 
-A small sweep of demo trials (search_spaces/quick.yaml's fixed recipe: 6 distillation epochs on 10,000
+A small sweep of demo trials (search_spaces/quick.yaml's fixed recipe: 6 distillation epochs on its 6,000
 target-task images, 5 finetune epochs, 1 Ray Train worker per trial, 2 trials side by side) runs on local Ray.
 Every trial records the seconds of each of its parts (``time_*`` in its row, :mod:`orchestrator.sweeps.trial`);
 the driver's ledger adds when Tune started the trial and how long its MLflow writes took
@@ -42,7 +42,8 @@ TRAINING = ("time_distill_steps_s", "time_finetune_s")
 
 def space(args) -> dict:
     quick = json.loads(json.dumps(__import__("yaml").safe_load((ROOT / "search_spaces" / "quick.yaml").read_text())))
-    fixed = {**quick["fixed"], "distill.epochs": args.epochs, "transfer_set.max_images": args.images,
+    images = args.images or quick["fixed"]["transfer_set.max_images"]
+    fixed = {**quick["fixed"], "distill.epochs": args.epochs, "transfer_set.max_images": images,
              "transfer_set.source": "target_unlabeled",
              "student": quick["space"]["student"]["choice"]["resnet10t_w16"]}
     for k in ("transfer_set.pool", "transfer_set.retrieval"):
@@ -60,7 +61,7 @@ def main() -> None:
     ap.add_argument("--storage", default=str(ROOT / "kt_runs"))
     ap.add_argument("--trials", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=6)
-    ap.add_argument("--images", type=int, default=10000, help="transfer-set size")
+    ap.add_argument("--images", type=int, default=None, help="transfer-set size [quick.yaml's]")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("alembic", "mlflow", "urllib3", "filelock", "timm", "matplotlib", "faiss"):

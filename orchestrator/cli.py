@@ -244,10 +244,14 @@ def pretrain_teacher(task: Path = typer.Argument(..., help="task YAML whose `sta
 
 @app.command("make-demo-pool")
 def make_demo_pool(task: Path = typer.Argument(..., help="task YAML whose unlabeled remainder seeds the pool"),
-                   out: Optional[Path] = typer.Option(None, "--out", help="pool dir [<storage>/pools/<task>_demo]"),
+                   out: Optional[Path] = typer.Option(None, "--out",
+                                                      help="pool dir [<storage>/pools/<task>_demo[_<max-target>]]"),
+                   max_target: Optional[int] = typer.Option(None, "--max-target", min=1,
+                                                            help="use the first N unlabeled images only [all]"),
                    set: Optional[List[str]] = SetOpt, storage: Optional[str] = StorageOpt) -> None:
-    """Build the offline demo image pool (webdataset shards): the unlabeled remainder mixed with at least as
-    many real images of other domains (glyphs, icons, photo patches, digits); a no-op if already built."""
+    """Build the offline demo image pool (webdataset shards): the unlabeled remainder (or its first
+    ``--max-target`` images: `make demo` uses 20,000, a pool of 40,000 to embed) mixed with at least as many real
+    images of other domains (glyphs, icons, photo patches, digits); a no-op if already built."""
     _setup_logging()
     try:
         cfg = _load(task, set, False, storage)
@@ -255,8 +259,8 @@ def make_demo_pool(task: Path = typer.Argument(..., help="task YAML whose unlabe
         from orchestrator.pipeline import load_data
 
         data, split, _ = load_data(cfg)
-        out = out or cfg.storage_path() / "pools" / f"{cfg.name}_demo"
-        info = build_demo_pool(out, data.train.images[split.unlabeled], seed=cfg.seed)
+        out = out or cfg.storage_path() / "pools" / f"{cfg.name}_demo{f'_{max_target}' if max_target else ''}"
+        info = build_demo_pool(out, data.train.images[split.unlabeled[:max_target]], seed=cfg.seed)
     except _user_errors() as e:
         _fail(e)
     for domain, n in info["counts"].items():

@@ -103,3 +103,18 @@ def test_allocate_follows_weights_and_spills_over_capacity():
     assert sum(q.values()) == 1000 and q == {"glyph": 350, "icon": 250, "photo": 250, "digit": 150}
     q = allocate(1000, {"glyph": 1000, "icon": 5, "digit": 1000})  # icon capped at 5 * 20, no photos
     assert sum(q.values()) == 1000 and q["icon"] == 100 and "photo" not in q and q["glyph"] > q["digit"]
+
+
+def test_kt_make_demo_pool_max_target_caps_the_target_images(tmp_path):
+    """`kt make-demo-pool --max-target N` (what `make demo` runs, with 20,000): the first N unlabeled images only,
+    as many other-domain images, in ``<storage>/pools/<task>_demo_<N>``."""
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+    from tests.conftest import TASK
+
+    r = CliRunner().invoke(app, ["make-demo-pool", str(TASK), "--max-target", "60", "--storage", str(tmp_path),
+                                 "--set", "data.limit_train=400"])
+    assert r.exit_code == 0, r.output
+    info = json.loads((tmp_path / "pools" / "fashion_mnist_demo_60" / "pool.json").read_text())
+    assert info["counts"]["fashion_mnist"] == 60 and info["total"] == 120
