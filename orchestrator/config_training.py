@@ -171,7 +171,7 @@ class FinetuneConfig(TrainConfig):
     """The student's finetune on the labels after distillation (paper 1's stage 3).
 
     ``keep_better``: with a held-out validation split (``labels.val_per_class``), the finetuned weights are kept
-    only when their validation top-1 is not lower than before finetuning
+    only when their validation top-1 is higher than before finetuning (a tie keeps the weights before)
     (:func:`orchestrator.stages.finetune.finetune_keep_better`); without one it finetunes and says so.
 
     Budget (:class:`BudgetConfig`): default 200 optimizer steps (reported every 100), whatever the number of
@@ -182,7 +182,7 @@ class FinetuneConfig(TrainConfig):
 
     DEFAULT_BUDGET: ClassVar[Budget] = Budget("steps", 200)
 
-    keep_better: bool = Field(True, description="keep the finetuned weights only if validation top-1 does not drop")
+    keep_better: bool = Field(True, description="keep the finetuned weights only if validation top-1 improves")
 
 
 class BaselineConfig(TrainConfig):

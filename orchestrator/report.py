@@ -48,7 +48,8 @@ def finetune_line(ft: dict) -> str:
     before, after = 100 * ft["val_top1_before"], 100 * ft["val_top1_after"]
     if ft["kept"]:
         return f"finetune: kept (validation top-1 {before:.2f}% -> {after:.2f}%)"
-    return f"finetune: reverted to the distilled student (validation top-1 would drop {before:.2f}% -> {after:.2f}%)"
+    return (f"finetune: reverted to the distilled student (validation top-1 did not improve: {before:.2f}% -> "
+            f"{after:.2f}%)")
 
 
 def _fmt(v, scale: float = 1.0, spec: str = ".1f") -> str:

@@ -92,7 +92,7 @@ def stage_train(ctx: Ctx, name: str, student, pre, train_cfg: TrainConfig, recor
                 finetune: bool = False):
     """Train ``student`` with cross-entropy on the labeled subset with the task's augmentation (graph stage
     ``name``: a method's finetune or the supervised-only baseline). With ``finetune``, the finetuned weights are
-    kept only when validation top-1 does not drop (:func:`orchestrator.stages.finetune.finetune_keep_better`;
+    kept only when validation top-1 improves (:func:`orchestrator.stages.finetune.finetune_keep_better`;
     ``finetune.keep_better``), and the record says which were kept. Returns the student."""
     from orchestrator.stages.finetune import finetune_keep_better
     from orchestrator.stages.loop import train_supervised

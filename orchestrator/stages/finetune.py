@@ -75,7 +75,7 @@ def finetune_keep_better(student: nn.Module, preprocess: Preprocess, labeled: Im
                          augment: AugmentPolicy | None = None,
                          on_epoch: Callable[[int, float], None] | None = None) -> tuple[nn.Module, FinetuneReport]:
     """Finetune ``student`` on ``labeled`` (:func:`orchestrator.stages.loop.train_supervised` with
-    ``train_cfg``) and keep the result only if validation top-1 does not drop.
+    ``train_cfg``) and keep the result only if validation top-1 improves.
 
     Args:
         student: (B, C, H, W) float32 -> (B, K) logits; trained in place.
@@ -88,7 +88,9 @@ def finetune_keep_better(student: nn.Module, preprocess: Preprocess, labeled: Im
         augment: the task's augmentation (``cfg.data.augment_policy()``).
     Returns:
         (the student, in eval mode: finetuned, or with its pre-finetune weights and BatchNorm statistics
-        restored; the :class:`FinetuneReport`). Ties keep the finetuned weights.
+        restored; the :class:`FinetuneReport`). A tie keeps the weights before finetuning: with a validation
+        split of tens of images ties are common, and on Fashion-MNIST the tied finetunes lowered test top-1 by
+        0.7 to 1.6 points in 4 of 4 runs (README, "The default recipe").
     """
     plan = supervised_plan(len(labeled), train_cfg)
     check = bool(getattr(train_cfg, "keep_better", True)) and val is not None and len(val) > 0
@@ -105,12 +107,12 @@ def finetune_keep_better(student: nn.Module, preprocess: Preprocess, labeled: Im
         return student.eval(), FinetuneReport("finetuned", False, None, None, plan.total_steps, images, losses,
                                               f"finetuned weights kept unchecked: {why}")
     after = top1(student, preprocess, val, device)
-    if after >= before:
+    if after > before:
         return student.eval(), FinetuneReport("finetuned", True, before, after, plan.total_steps, images, losses,
                                               f"finetune kept: validation top-1 {before:.4f} -> {after:.4f}")
     student.load_state_dict(before_state)
     return student.eval(), FinetuneReport("before", True, before, after, plan.total_steps, images, losses,
-                                          f"finetune reverted: validation top-1 would drop {before:.4f} -> "
+                                          f"finetune reverted: validation top-1 did not improve {before:.4f} -> "
                                           f"{after:.4f}")
 
 

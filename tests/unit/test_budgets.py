@@ -221,6 +221,20 @@ def test_a_finetune_that_improves_validation_is_kept():
     assert top1(s, PRE, val) == pytest.approx(rep.val_top1_after) and "kept" in rep.reason
 
 
+def test_a_finetune_that_ties_on_validation_keeps_the_weights_before(trained):
+    """A tie is not evidence for the finetune (50-image validation splits tie often): the weights before it
+    stay. lr 1e-9 with BatchNorm frozen leaves every prediction as it was."""
+    import copy
+
+    s = copy.deepcopy(trained)
+    before_state = copy.deepcopy(s.state_dict())
+    cfg = FinetuneConfig(steps=3, lr=1e-9, batch_size=50, augment=False, freeze_bn=True)
+    s, rep = finetune_keep_better(s, PRE, squares(50, seed=5), squares(100, seed=4), cfg)
+    assert rep.checked and rep.val_top1_after == rep.val_top1_before and rep.kept == "before"
+    assert "did not improve" in rep.reason
+    assert all(torch.equal(v, before_state[k]) for k, v in s.state_dict().items())
+
+
 def test_without_validation_it_finetunes_and_says_so(trained):
     import copy
 
