@@ -76,7 +76,8 @@ def main() -> None:
     rows = [r for r in res.rows if r["status"] == "completed"]
     if not rows:
         raise SystemExit(f"no trial completed: {[r.get('error') for r in res.rows]}")
-    print(f"\n{len(rows)} demo trials ({args.epochs} distillation epochs on {args.images} images, "
+    n_images = sp["fixed"]["transfer_set.max_images"]
+    print(f"\n{len(rows)} demo trials ({args.epochs} distillation epochs on {n_images} images, "
           f"2 side by side), sweep wall {wall:.0f} s including its prepare step")
     print(f"{'part':<20} " + " ".join(f"{r['trial_id'][-5:]:>8}" for r in rows) + f" {'mean':>8}")
     for name, key in PARTS:
