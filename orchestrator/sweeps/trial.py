@@ -134,8 +134,8 @@ def run_trial(sctx: SweepContext, trial_id: str, labels: dict[str, Any], report:
     finetuning: the objective), ``test_top1``, ``student_flops`` (forward FLOPs per image), ``device_seconds``
     (distill + finetune), ``train_flops``, ``images_seen``, ``kt_final`` = 1, ``kt_tags`` (str values),
     ``kt_params`` (the drawn labels) and ``kt_earlier`` (per-epoch distillation ``loss``/``val_top1`` lists: the
-    ledger logs any epoch a killed driver missed). Its commit is ``trials/<id>/final.json``, written atomically before the
-    report: once it exists, the trial is finished for resume and the ledger (:func:`committed_row`).
+    ledger logs any epoch a killed driver missed). Its commit is ``trials/<id>/final.json``, written atomically
+    before the report: once it exists, the trial is finished for resume and the ledger (:func:`committed_row`).
     A trial whose configuration equals a finished trial's reuses that result (tag ``reused_from``).
 
     Raises:
