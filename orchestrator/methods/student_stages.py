@@ -36,7 +36,7 @@ def stage_distill(ctx: Ctx, outputs: Path, name: str = "distill", record_as: str
     ``ctx.train_hooks`` may hold the Ray Train ``run_name`` (default ``<name>-<key>``, so a re-run resumes it),
     ``storage``, ``callbacks`` and ``extra_metrics`` (see :func:`orchestrator.ray_adapters.train.distill_ray`)."""
     from orchestrator.models.students import create_student, student_preprocess
-    from orchestrator.ray_adapters.train import distill_ray
+    from orchestrator.ray_adapters.train import EPOCH_HISTORY, distill_ray
     from orchestrator.stages.distill import student_state
     from orchestrator.stages.schedule import distill_plan
     from orchestrator.storage import join
@@ -81,7 +81,7 @@ def stage_distill(ctx: Ctx, outputs: Path, name: str = "distill", record_as: str
             ctx.tracker.metrics({f"{name}_loss": loss, **({f"{name}_val_top1": vt[e]} if len(vt) > e else {})}, step=e)
         out.update(epochs=epochs, resumed_at_epoch=max(tlog["starts"]), restarts=len(tlog["starts"]) - 1,
                    final_loss=tlog["loss"][-1], train_flops_per_image=per_img, teacher_forward_passes=teacher_passes,
-                   per_epoch={k: tlog[k] for k in ("loss", "val_top1") if k in tlog})  # lists, not logged as numbers
+                   per_epoch={k: tlog[k] for k in EPOCH_HISTORY if k in tlog})  # lists, not logged as numbers
         return student
 
     run = run_stage(ctx, name, body, devices=world, record_as=record_as or name, after=lambda r: out)

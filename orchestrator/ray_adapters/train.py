@@ -79,7 +79,7 @@ def _train_fn(config: dict) -> None:
             metrics["val_top1"] = evaluate(net, pre, val, config["num_classes"], device=str(device)).top1
             log.setdefault("val_top1", []).append(metrics["val_top1"])
         if epoch == start > 0:  # the first report after a resume: the epochs before it, for a driver that
-            metrics["kt_earlier"] = {k: log[k][:epoch] for k in ("loss", "val_top1") if k in log}  # missed them
+            metrics["kt_earlier"] = {k: log[k][:epoch] for k in EPOCH_HISTORY if k in log}  # missed them
         if rank == 0:
             shown = f", val top-1 {metrics['val_top1']:.4f}" if val is not None else ""
             say(f"[kt] distill epoch {epoch + 1}/{plan.epochs}: loss {loss:.4f}{shown} ({seconds:.0f} s)")
@@ -87,6 +87,9 @@ def _train_fn(config: dict) -> None:
                      lambda d: save_state(d / "state.pt", model, opt, sched, epoch, log))
         for hook in hooks:  # after the epoch's checkpoint (e.g. a test's fault injection)
             hook(epoch, rank)
+
+
+EPOCH_HISTORY = ("loss", "val_top1")  # the training log's per-epoch lists a resumed driver may need again
 
 
 def resolve_ref(ref) -> Path:

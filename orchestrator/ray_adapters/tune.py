@@ -189,7 +189,7 @@ class TrialLedger(tune.Callback):
         if run_id is None:
             return
         step = result_step(result)
-        if result.get("kt_earlier"):
+        if run_id in self._reopened and result.get("kt_earlier"):  # only a killed driver can have missed one
             self._timed(trial, self._backfill, run_id, result["kt_earlier"])
         if run_id in self._reopened and step in self.runs.logged_steps(run_id, "val_top1"):
             return  # logged by the killed driver before (a committed trial re-reporting its result): once only
