@@ -62,10 +62,9 @@ def ray_cluster(tmp_path_factory):
 
     gcs, dash = free_port(), free_port()
     from orchestrator.ray_adapters.session import HEALTH_CHECK_INTERVAL_S
-    from orchestrator.ray_adapters.workers import preload_env
 
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": HEALTH_CHECK_INTERVAL_S, **preload_env()}  # as `kt`'s Ray has it
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": HEALTH_CHECK_INTERVAL_S}  # as a Ray started by `kt` has it
     env.pop("RAY_ADDRESS", None)
     ray_cli = str(Path(sys.executable).parent / "ray")
     # token auth (RAY_NOTES 3): `ray start` does not create a missing ~/.ray/auth_token, ray.init() does

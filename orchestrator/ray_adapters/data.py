@@ -44,8 +44,4 @@ def teacher_inference(checkpoint: str, images: np.ndarray, out_dir: Path, batch_
         TeacherPredictor, fn_constructor_kwargs={"checkpoint": checkpoint, "num_threads": 1, "features": features},
         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=batch_size, batch_format="numpy",
         num_cpus=1, num_gpus=gpus_per_actor)
-    from orchestrator.ray_adapters.workers import warm_workers
-
-    result = write_outputs(out.iter_batches(batch_size=None, batch_format="numpy"), out_dir, len(images), features)
-    warm_workers(actors)  # the pool's processes ended with it: warm ones for the next pass
-    return result
+    return write_outputs(out.iter_batches(batch_size=None, batch_format="numpy"), out_dir, len(images), features)

@@ -82,9 +82,6 @@ def embed_pool(shards: list[PoolShard], embedder: str, model_kwargs: dict, pool:
                 else:
                     log.info("embedded shard %d: %d images, %d unreadable (%d/%d, %.0f s)", i, imgs, bad, n,
                              len(pending), time.perf_counter() - t0)
-        from orchestrator.ray_adapters.workers import warm_workers
-
-        warm_workers(min(actors, len(pending)))  # the pool's processes ended with it: warm ones for what follows
     if entry is not None:  # shards other nodes published: into this node's copy before reading their stats
         from orchestrator.cache import Cache
 

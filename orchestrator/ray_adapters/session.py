@@ -47,18 +47,13 @@ _PINNED: str | None = None  # the $RAY_ADDRESS this process set for the local Ra
 
 def _start_local(num_cpus: int | None) -> str:
     """Start a new local Ray (``address="local"``: never a cluster some earlier `ray start` left registered),
-    pinned (:func:`_pin_local_address`), its worker processes preloading torch, timm and Ray Train
-    (:mod:`orchestrator.ray_adapters.workers`; ``RAY_preload_python_modules=""`` turns it off), with 2 GiB of object store (docker's small /dev/shm otherwise makes
+    pinned (:func:`_pin_local_address`), with 2 GiB of object store (docker's small /dev/shm otherwise makes
     ``ray.init`` fail) and its dashboard on 127.0.0.1 only (Ray Train's state queries need it). Returns where
     it runs (GCS address, dashboard URL), for the log."""
     import ray
 
-    from orchestrator.ray_adapters.workers import preload_env
-
     global _PINNED
     _PINNED = _pin_local_address()
-    for k, v in preload_env().items():  # its worker processes import torch, timm, Ray Train before any work
-        os.environ.setdefault(k, v)
     try:
         info = ray.init(address="local", num_cpus=num_cpus, object_store_memory=2 * 1024**3,
                         dashboard_host="127.0.0.1", logging_config=ray.LoggingConfig(log_level="WARNING"))
@@ -208,17 +203,12 @@ def report_epoch(metrics: dict, rank: int, save) -> None:
 
 
 def fit_state(trainer) -> tuple[dict, dict]:
-    """``trainer.fit()``, then the ``state.pt`` of its last checkpoint: (model state_dict, training log).
-    The run's controller and worker processes end with it: as many warm ones are started for the next run
-    (:func:`orchestrator.ray_adapters.workers.warm_workers`)."""
+    """``trainer.fit()``, then the ``state.pt`` of its last checkpoint: (model state_dict, training log)."""
     from pathlib import Path
 
     import torch
 
-    from orchestrator.ray_adapters.workers import warm_workers
-
     result = trainer.fit()
-    warm_workers(trainer.scaling_config.num_workers + 1)  # for the next run's controller and workers
     with result.checkpoint.as_directory() as cd:
         state = torch.load(Path(cd) / "state.pt", map_location="cpu", weights_only=False)
     return state["model"], state["log"]

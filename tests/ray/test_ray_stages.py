@@ -85,33 +85,3 @@ def test_placement_group_left_by_a_dead_attempt_is_freed(local_ray):
     remove_placement_group(done)  # an attempt that ended normally
     _internal_kv_put(f"{_PG_KEYS}/tmp/storage/train/trial_c", done.id.hex(), overwrite=True)
     assert not free_left_placement_group(f"{_PG_KEYS}/tmp/storage/train/trial_c")
-
-
-def test_warm_workers_start_processes_that_have_imported_torch_before_an_actor_asks(local_ray):
-    """An actor created after :func:`warm_workers` runs in a process started before it was asked for, with
-    torch already imported (the preload): no import on the actor's start."""
-    import os
-    import sys
-    import time
-
-    import psutil
-
-    from orchestrator.ray_adapters.workers import warm_workers
-
-    @local_ray.remote(num_cpus=0)
-    class Probe:
-        def __init__(self):
-            self.preloaded = "torch" in sys.modules  # before anything here imports it
-
-        def where(self):
-            return os.getpid(), self.preloaded
-
-    assert warm_workers(2, keep_alive_s=120)
-    time.sleep(20)  # the two processes start and import torch, timm and Ray Train (about 5 s of a core each)
-    asked = time.time()
-    probes = [Probe.remote() for _ in range(2)]
-    seen = local_ray.get([p.where.remote() for p in probes])
-    for pid, preloaded in seen:
-        assert preloaded
-        assert psutil.Process(pid).create_time() < asked
-    assert not warm_workers(0)
