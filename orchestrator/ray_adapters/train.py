@@ -14,6 +14,8 @@ from orchestrator.ray_adapters.session import fit_state, quiet_train_worker, rep
 
 log = logging.getLogger(__name__)
 
+EPOCH_HISTORY = ("loss", "val_top1")  # the training log's per-epoch lists a resumed driver may need again
+
 
 def _train_fn(config: dict) -> None:
     import numpy as np
@@ -87,9 +89,6 @@ def _train_fn(config: dict) -> None:
                      lambda d: save_state(d / "state.pt", model, opt, sched, epoch, log))
         for hook in hooks:  # after the epoch's checkpoint (e.g. a test's fault injection)
             hook(epoch, rank)
-
-
-EPOCH_HISTORY = ("loss", "val_top1")  # the training log's per-epoch lists a resumed driver may need again
 
 
 def resolve_ref(ref) -> Path:

@@ -189,10 +189,11 @@ class TrialLedger(tune.Callback):
         if run_id is None:
             return
         step = result_step(result)
-        if run_id in self._reopened and result.get("kt_earlier"):  # only a killed driver can have missed one
-            self._timed(trial, self._backfill, run_id, result["kt_earlier"])
-        if run_id in self._reopened and step in self.runs.logged_steps(run_id, "val_top1"):
-            return  # logged by the killed driver before (a committed trial re-reporting its result): once only
+        if run_id in self._reopened:  # a run a killed driver left: it may have missed epochs, or logged this one
+            if result.get("kt_earlier"):
+                self._timed(trial, self._backfill, run_id, result["kt_earlier"])
+            if step in self.runs.logged_steps(run_id, "val_top1"):
+                return  # logged by the killed driver before (a committed trial re-reporting its result): once only
         metrics = {k: v for k, v in result.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in _TUNE_NOISE}
         tags = {f"kt.{k}": str(v) for k, v in (result.get("kt_tags") or {}).items()}
