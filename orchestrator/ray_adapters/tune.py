@@ -38,11 +38,13 @@ def _searcher(space):
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
+    from orchestrator.ray_adapters.samplers import NSGAIISampler
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     s = space.search
     if space.multi_objective:
-        sampler = optuna.samplers.NSGAIISampler(population_size=s.population_size, seed=s.seed)
+        sampler = NSGAIISampler(population_size=s.population_size, seed=s.seed)
         alg = OptunaSearch(space=space.suggest, metric=[space.objective.metric, space.objective.compute],
                            mode=["max", "min"], sampler=sampler)
     else:
