@@ -86,6 +86,7 @@ def main() -> None:
     from orchestrator.ray_adapters.train import distill_ray
     from orchestrator.stages.compute import train_flops
     from orchestrator.stages.distill import DistillData, distill_local
+    from orchestrator.stages.schedule import distill_plan
 
     cores = len(os.sched_getaffinity(0))
     task = load_task_data(DatasetConfig(limit_train=args.images, limit_test=100))
@@ -101,8 +102,7 @@ def main() -> None:
     np.save(d / "images.npy", images)
     np.save(d / "logits.npy", logits)
     np.savez(d / "labeled.npz", images=labeled.images, labels=labeled.labels)
-    steps = args.steps or args.epochs * -(-len(images) // args.batch_size)
-    per_step_x2 = 2 if args.steps else 1  # images two workers take per step, relative to one worker
+    steps = distill_plan(len(images), cfg, 1).total_steps
 
     torch.set_num_threads(cores)
     model = create_student(STUDENT[0], 10, pre, STUDENT[1])
@@ -128,9 +128,10 @@ def main() -> None:
     print(f"{len(images)} images, {steps} optimizer steps of {args.batch_size}, {cores} cores")
     print(f"plain loop      {plain:7.1f} s  (epochs {sum(plain_log['seconds']):.1f} s)")
     print(f"Ray Train x1    {ray1:7.1f} s  (epochs {sum(log1['seconds']):.1f} s; fixed {ray1 - sum(log1['seconds']):.1f} s)")
+    x2 = sum(log2["steps"]) * 2 / sum(plain_log["steps"])  # images two workers took, relative to the plain loop
     print(f"Ray Train x2    {ray2:7.1f} s  (epochs {sum(log2['seconds']):.1f} s per rank; "
-          f"scaling efficiency {per_step_x2 * plain / (2 * ray2):.2f}, epochs only "
-          f"{per_step_x2 * sum(plain_log['seconds']) / (2 * sum(log2['seconds'])):.2f})")
+          f"scaling efficiency {x2 * plain / (2 * ray2):.2f}, epochs only "
+          f"{x2 * sum(plain_log['seconds']) / (2 * sum(log2['seconds'])):.2f})")
     print(f"trivial fit()   stock TorchTrainer {stock:.1f} s, torch_trainer {ours:.1f} s (ratio {ours / stock:.2f})")
     rate = total / sum(plain_log["seconds"])
     print(f"machine limit   student training {rate / 1e9:.2f} GFLOP/s = {rate / gemm:.3f} of float32 GEMM "

@@ -144,6 +144,8 @@ def test_every_shipped_spaces_search_algorithm_pickles_and_still_suggests():
         for i in range(3):  # one at a time: the concurrency limit may be 1
             drawn = alg.suggest(f"t{i}")
             assert drawn and "transfer_set.source" in drawn, path
-            result = {sp.objective.metric: 0.5 + i / 10, **({sp.objective.compute: 1e6} if sp.multi_objective else {})}
+            result = {sp.objective.metric: 0.5 + i / 10}
+            if sp.multi_objective:
+                result[sp.objective.compute] = 1e6
             alg.on_trial_complete(f"t{i}", result)
     assert kinds == {True, False}  # both samplers (TPE, NSGA-II) were exercised
