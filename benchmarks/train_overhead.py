@@ -4,18 +4,21 @@ Four measurements on real Fashion-MNIST images (teacher logits drawn at random: 
 the cost of a step), the demo's student at 28 px, the same ``DistillConfig``:
 
 * plain: :func:`orchestrator.stages.distill.distill_local` in this process, one thread per core;
-* ray x1: :func:`orchestrator.ray_adapters.train.distill_ray` with one worker (as many threads);
+* in process x1: :func:`orchestrator.ray_adapters.train.distill_ray` with one CPU worker, which runs in this
+  process (Ray Train's local mode, the default for one CPU worker; as many threads);
+* ray x1: the same forced onto a Ray Train worker group of one (``execution="worker_group"``);
 * ray x2: two workers on the machine's cores (one thread each), reported as a scaling efficiency
   (plain wall / (2 x ray x2 wall) is 1.0 for perfect scaling of the same total steps);
 * fixed cost: a trivial ``fit()`` (one report) with Ray's stock ``TorchTrainer`` and with the project's
   :func:`orchestrator.ray_adapters.session.torch_trainer` (no PlacementGroupCleaner).
 
 It also reports the student's training FLOP/s (:func:`orchestrator.stages.compute.train_flops`) as a fraction of
-this machine's float32 GEMM FLOP/s at the same threads. The last line is the ratio ray x1 / plain.
+this machine's float32 GEMM FLOP/s at the same threads. The last line is the ratio in process x1 / plain.
 
     python benchmarks/train_overhead.py                  # about 4 minutes on a 2-core CPU machine
     python benchmarks/train_overhead.py --images 20000 --epochs 3
     python benchmarks/train_overhead.py --steps 2000     # the default recipe's budget: about 11 minutes
+    python benchmarks/train_overhead.py --images 6000 --epochs 6 --batch-size 128   # a demo trial's budget
 
 With ``--steps`` the budget is in optimizer steps, reported every 100 (the default recipe's ``distill``); two
 workers then take ``2 x batch_size`` images a step, and the scaling efficiency counts images, not steps.
@@ -117,7 +120,10 @@ def main() -> None:
     common = dict(data=d, student=STUDENT[0], model_kwargs=STUDENT[1], num_classes=10, preprocess=pre.to_dict(),
                   distill=cfg.model_dump(mode="json"), seed=0, storage_path=tmp / "ray", use_gpu=False)
     t = time.perf_counter()
-    _, log1 = distill_ray(**common, name="x1", num_workers=1, cpus_per_worker=float(cores))
+    _, log0 = distill_ray(**common, name="x0", num_workers=1, cpus_per_worker=float(cores))  # auto: in process
+    local = time.perf_counter() - t
+    t = time.perf_counter()
+    _, log1 = distill_ray(**common, name="x1", num_workers=1, cpus_per_worker=float(cores), execution="worker_group")
     ray1 = time.perf_counter() - t
     t = time.perf_counter()
     _, log2 = distill_ray(**common, name="x2", num_workers=2, cpus_per_worker=max(1.0, cores / 2))
@@ -127,7 +133,10 @@ def main() -> None:
 
     print(f"{len(images)} images, {steps} optimizer steps of {args.batch_size}, {cores} cores")
     print(f"plain loop      {plain:7.1f} s  (epochs {sum(plain_log['seconds']):.1f} s)")
-    print(f"Ray Train x1    {ray1:7.1f} s  (epochs {sum(log1['seconds']):.1f} s; fixed {ray1 - sum(log1['seconds']):.1f} s)")
+    print(f"in process x1   {local:7.1f} s  (epochs {sum(log0['seconds']):.1f} s; fixed "
+          f"{local - sum(log0['seconds']):.1f} s; {log0['execution']}: Ray Train's local mode)")
+    print(f"Ray Train x1    {ray1:7.1f} s  (epochs {sum(log1['seconds']):.1f} s; fixed {ray1 - sum(log1['seconds']):.1f} s;"
+          f" a worker group of 1, execution: worker_group)")
     x2 = sum(log2["steps"]) * 2 / sum(plain_log["steps"])  # images two workers took, relative to the plain loop
     print(f"Ray Train x2    {ray2:7.1f} s  (epochs {sum(log2['seconds']):.1f} s per rank; "
           f"scaling efficiency {x2 * plain / (2 * ray2):.2f}, epochs only "
@@ -136,7 +145,8 @@ def main() -> None:
     rate = total / sum(plain_log["seconds"])
     print(f"machine limit   student training {rate / 1e9:.2f} GFLOP/s = {rate / gemm:.3f} of float32 GEMM "
           f"{gemm / 1e9:.1f} GFLOP/s")
-    print(f"ratio Ray Train x1 / plain loop: {ray1 / plain:.2f}")
+    print(f"ratio Ray Train x1 (worker group) / plain loop: {ray1 / plain:.2f}")
+    print(f"ratio one-worker distillation (in process, the default) / plain loop: {local / plain:.2f}")
 
 
 if __name__ == "__main__":

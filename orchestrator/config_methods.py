@@ -8,7 +8,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from orchestrator.config_base import Strict
-from orchestrator.config_training import Budget, BudgetConfig, TrainConfig
+from orchestrator.config_training import (EXECUTION_HELP, Budget, BudgetConfig, Execution, TrainConfig,
+                                          check_execution)
 
 
 class TaskAgnosticConfig(Strict):
@@ -73,11 +74,17 @@ class SourceDistillConfig(BudgetConfig):
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = 5e-4
     augment: bool = False
-    num_workers: int = Field(2, gt=0, description="Ray Train workers")
+    num_workers: int = Field(2, ge=0, description="Ray Train workers; 0: in this process")
     use_gpu: bool = False
+    execution: Execution = Field("auto", description=EXECUTION_HELP)
     backend: Literal["ray", "local"] = Field(
-        "ray", description="ray: Ray Train (orchestrator/ray_adapters/multi_train.py); local: in this process "
-        "(the same loop, orchestrator/stages/multi_distill.py)")
+        "ray", description="local: the same as execution: in_process (kept for older configs); ray: as "
+        "execution says (orchestrator/ray_adapters/multi_train.py)")
+
+    @model_validator(mode="after")
+    def _execution(self):
+        check_execution(self)
+        return self
 
 
 class SourceTransferConfig(Strict):

@@ -9,6 +9,19 @@ from pydantic import Field, model_validator
 from orchestrator.config_base import Strict
 
 
+Execution = Literal["auto", "in_process", "worker_group"]
+EXECUTION_HELP = ("where the training loop runs: auto (in this process for 0 workers or 1 CPU worker, a Ray Train "
+                  "worker group otherwise), in_process, or worker_group (orchestrator/ray_adapters/loop_session.py)")
+
+
+def check_execution(cfg: Any) -> None:
+    """A distillation config's ``execution`` against its ``num_workers``. Raises ValueError for a worker group
+    of 0 workers."""
+    if cfg.execution == "worker_group" and cfg.num_workers == 0:
+        raise ValueError("execution: worker_group needs num_workers >= 1 (num_workers: 0 means in this process); "
+                         "set num_workers or execution: auto")
+
+
 # Data kinds whose classes change under a mirror image (digits, letters, glyphs, house numbers): no horizontal
 # flip by default. torchvision dataset names, compared case-insensitively.
 GLYPH_DATASETS = frozenset({"mnist", "emnist", "kmnist", "qmnist", "usps", "svhn", "omniglot", "semeion"})
@@ -153,14 +166,16 @@ class DistillConfig(BudgetConfig):
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = 5e-4
     augment: bool = True
-    num_workers: int = Field(2, gt=0, description="Ray Train workers")
+    num_workers: int = Field(2, ge=0, description="Ray Train workers; 0: in this process")
     use_gpu: bool = False
+    execution: Execution = Field("auto", description=EXECUTION_HELP)
     teacher_outputs: Literal["cached", "online"] = Field(
         "cached", description="cached: the teacher labels each transfer image once, before training; online: "
         "every step runs the teacher on its batch (the usual KD loop; the reference the cache is measured against)")
 
     @model_validator(mode="after")
     def _trains(self):
+        check_execution(self)
         if self.budget().value == 0:
             raise ValueError(f"a distillation budget of 0 {self.budget().kind} trains nothing; set steps (or "
                              "epochs) > 0")

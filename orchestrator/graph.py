@@ -55,7 +55,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("adapted_teacher", ("teacher",), ("teacher", "data"), "adapted_teacher", _INFERENCE, _teacher_seed),
     Stage("transfer_set", ("transfer_set",), ("data",)),  # content: the images (pool sources: their manifest)
     Stage("teacher_outputs", ("distill.teacher_outputs",), ("adapted_teacher", "transfer_set"), "teacher_outputs"),
-    Stage("distill", ("student", "distill", "seed"), ("data", "adapted_teacher", "teacher_outputs")),
+    Stage("distill", ("student", "distill", "seed"), ("data", "adapted_teacher", "teacher_outputs"), None,
+          ("distill.execution",)),  # in process or on a worker group of one: the same steps
     Stage("finetune", ("finetune", "seed"), ("distill",)),
     Stage("baseline", ("student", "baseline", "seed"), ("data",)),
     # paper 1's baselines (Vemulapalli et al. 2024, Sec. 4)
@@ -73,7 +74,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("source_signals", ("sources.probe_c", "data"), ("data", "transfer_set"), "source_signals"),  # + test
     Stage("source_score", (), (), "source_score"),  # content: the signals entry's key and the metric
     Stage("multi_distill", ("student", "sources.distill", "sources.kd_weight", "sources.feature_weight",
-                            "sources.ce_weight", "sources.temperature", "seed"), ("data", "transfer_set")),
+                            "sources.ce_weight", "sources.temperature", "seed"), ("data", "transfer_set"), None,
+          ("sources.distill.execution",)),
     Stage("multi_finetune", ("sources.finetune", "seed"), ("multi_distill",)),
     Stage("fixmatch", ("student", "fixmatch", "seed"), ("data",)),
 ]}
@@ -107,9 +109,9 @@ def stage_inputs(stage: Stage | str, cfg: PipelineConfig, keys: dict[str, str],
     tree = {"seed": cfg.seed, **cfg.model_dump(mode="json")}
     values = {p: _get(tree, p) for p in stage.config}
     for path in stage.exclude:
-        head, _, rest = path.partition(".")
-        if head in values and rest:
-            _drop(values[head], rest)
+        for declared in values:
+            if path.startswith(declared + "."):
+                _drop(values[declared], path[len(declared) + 1:])
     return {"stage": stage.name, "config": values, "derived": stage.derive(cfg) if stage.derive else {},
             "upstream": {u: keys[u] for u in stage.upstream}, "content": content or {}}
 

@@ -50,12 +50,16 @@ def choose_weights(ctx, method: str, scores: dict[str, float]) -> dict[str, floa
 
 
 def stage_multi_distill(ctx, weights: dict[str, float], entries: dict):
-    """Distil the student from the weighted sources (graph stage ``multi_distill``; Ray Train through
-    :func:`orchestrator.ray_adapters.multi_train.multi_distill_ray`, or in-process with
-    ``sources.distill.backend: local``). Returns (student nn.Module on ``ctx.device``, its preprocess)."""
+    """Distil the student from the weighted sources (graph stage ``multi_distill``) with
+    :func:`orchestrator.ray_adapters.multi_train.multi_distill_ray`: in this process or on a Ray Train worker
+    group (``sources.distill.execution``/``num_workers``; ``backend: local`` is in process). Returns (student
+    nn.Module on ``ctx.device``, its preprocess)."""
     from orchestrator.models.students import create_student, student_preprocess
+    from orchestrator.ray_adapters.loop_session import resolve_execution
+    from orchestrator.ray_adapters.multi_train import multi_distill_ray
     from orchestrator.stages.distill import student_state
     from orchestrator.stages.schedule import distill_plan
+    from orchestrator.storage import join
 
     cfg, task = ctx.cfg, ctx.task
     s = cfg.sources
@@ -65,30 +69,24 @@ def stage_multi_distill(ctx, weights: dict[str, float], entries: dict):
     content = {"sources": {n: ctx.keys[f"source_signals/{n}"] for n in names},
                "weights": {n: round(weights[n], 8) for n in names}}
     n_img = len(np.load(entries[names[0]] / "images.npy", mmap_mode="r"))
+    mode = resolve_execution("in_process" if s.distill.backend == "local" else s.distill.execution,
+                             s.distill.num_workers, s.distill.use_gpu)
+    world = 1 if mode == "in_process" else s.distill.num_workers
+    ctx.tracker.params({"multi_distill.execution_used": mode})
     out: dict = {}
 
     def body(_, c: StageCompute):
         student = create_student(cfg.student.id, task.num_classes, pre, cfg.student.model_kwargs)
-        if s.distill.backend == "local":
-            from orchestrator.stages.multi_distill import MultiDistillData, SourceTargets, multi_distill_local
-
-            data = MultiDistillData(np.load(entries[names[0]] / "images.npy", mmap_mode="r"), [
-                SourceTargets(n, weights[n], np.load(entries[n] / "pseudo.npy", mmap_mode="r"),
-                              np.load(entries[n] / "features.npy", mmap_mode="r")) for n in names], labeled)
-            student, tlog = multi_distill_local(student, data, pre, s, cfg.seed, ctx.device)
-            world = 1
-        else:
-            from orchestrator.ray_adapters.multi_train import multi_distill_ray
-            from orchestrator.storage import join
-
-            world, key = s.distill.num_workers, ctx.keys["multi_distill"]
-            with ctx.cache.lock("ray_train-multi_distill", key):  # one Ray Train run dir per key on this node
-                state, tlog = multi_distill_ray(
-                    [{"name": n, "weight": weights[n], "entry": ctx.cache_ref(entries[n])} for n in names],
-                    {"images": labeled.images, "labels": labeled.labels}, cfg.student.id, cfg.student.model_kwargs,
-                    task.num_classes, pre.to_dict(), s.model_dump(mode="json"), cfg.seed,
-                    join(cfg.storage_uri(), "ray_results"), f"multi_distill-{key}", ctx.cpus_per_worker)
-            student.load_state_dict(student_state(state))
+        key = ctx.keys["multi_distill"]
+        with ctx.cache.lock("ray_train-multi_distill", key):  # one run dir per key on this node
+            state, tlog = multi_distill_ray(
+                [{"name": n, "weight": weights[n], "entry": ctx.cache_ref(entries[n])} for n in names],
+                {"images": labeled.images, "labels": labeled.labels}, cfg.student.id, cfg.student.model_kwargs,
+                task.num_classes, pre.to_dict(), s.model_dump(mode="json"), cfg.seed,
+                ctx.train_hooks.get("storage") or join(cfg.storage_uri(), "ray_results"),
+                ctx.train_hooks.get("run_name") or f"multi_distill-{key}", ctx.cpus_per_worker,
+                report=ctx.train_hooks.get("report"))
+        student.load_state_dict(student_state(state))
         per_img = train_flops(student, (pre.channels, *pre.size))
         ce_imgs = min(s.distill.batch_size, len(labeled)) if s.ce_weight else 0
         c.images = distill_plan(n_img, s.distill, world).images(len(tlog["loss"]), s.distill.batch_size + ce_imgs)
@@ -96,12 +94,12 @@ def stage_multi_distill(ctx, weights: dict[str, float], entries: dict):
         c.device_seconds = sum(tlog["seconds"]) * world
         for e, loss in enumerate(tlog["loss"]):
             ctx.tracker.metrics({"multi_distill_loss": loss}, step=e)
-        out.update(epochs=len(tlog["loss"]), final_loss=tlog["loss"][-1], sources=len(names),
-                   backend=s.distill.backend)
+        out.update(epochs=len(tlog["loss"]), final_loss=tlog["loss"][-1], sources=len(names), execution=mode,
+                   restarts=len(tlog["starts"]) - 1)
         return student
 
-    run = run_stage(ctx, "multi_distill", body, content=content, devices=s.distill.num_workers,
-                    record_as="distill", after=lambda r: {k: v for k, v in out.items() if k != "backend"})
+    run = run_stage(ctx, "multi_distill", body, content=content, devices=world, record_as="distill",
+                    after=lambda r: out)
     return run.value.to(ctx.device), pre
 
 

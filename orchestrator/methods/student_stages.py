@@ -29,13 +29,18 @@ def derived_config(ctx: Ctx, cfg: PipelineConfig) -> Iterator[Ctx]:
 
 
 def stage_distill(ctx: Ctx, outputs: Path, name: str = "distill", record_as: str | None = None):
-    """Distill on the transfer set with Ray Train (stage ``name`` of the graph: ``distill`` or
-    ``feature_distill``). Returns the student (nn.Module, on ``ctx.device``) and its preprocess.
+    """Distill on the transfer set (stage ``name`` of the graph: ``distill`` or ``feature_distill``), in this
+    process or on a Ray Train worker group (``distill.execution``/``num_workers``:
+    :func:`orchestrator.ray_adapters.loop_session.resolve_execution`; the log, the stage record and the run's
+    ``<stage>.execution_used`` param say which ran). Returns the student (nn.Module, on ``ctx.device``) and its
+    preprocess.
 
     ``outputs``: a teacher-outputs entry (images.npy, logits.npy, features.npy; online: images.npy only).
-    ``ctx.train_hooks`` may hold the Ray Train ``run_name`` (default ``<name>-<key>``, so a re-run resumes it),
-    ``storage``, ``callbacks`` and ``extra_metrics`` (see :func:`orchestrator.ray_adapters.train.distill_ray`)."""
+    ``ctx.train_hooks`` may hold the ``run_name`` (default ``<name>-<key>``, so a re-run resumes it),
+    ``storage``, ``callbacks``, ``report`` and ``extra_metrics`` (see
+    :func:`orchestrator.ray_adapters.train.distill_ray`)."""
     from orchestrator.models.students import create_student, student_preprocess
+    from orchestrator.ray_adapters.loop_session import resolve_execution
     from orchestrator.ray_adapters.train import EPOCH_HISTORY, distill_ray
     from orchestrator.stages.distill import student_state
     from orchestrator.stages.schedule import distill_plan
@@ -49,7 +54,10 @@ def stage_distill(ctx: Ctx, outputs: Path, name: str = "distill", record_as: str
     data = {**ctx.cache_ref(outputs), "labeled": {"images": labeled.images, "labels": labeled.labels},
             "val": {"images": val.images, "labels": val.labels} if val is not None else None}
     n = len(np.load(outputs / "images.npy", mmap_mode="r"))
-    world, online = cfg.distill.num_workers, cfg.distill.teacher_outputs == "online"
+    mode = resolve_execution(cfg.distill.execution, cfg.distill.num_workers, cfg.distill.use_gpu)
+    world = 1 if mode == "in_process" else cfg.distill.num_workers
+    online = cfg.distill.teacher_outputs == "online"
+    ctx.tracker.params({f"{name}.execution_used": mode})
     out: dict = {}
 
     def body(_, c: StageCompute):
@@ -61,11 +69,12 @@ def stage_distill(ctx: Ctx, outputs: Path, name: str = "distill", record_as: str
             state, tlog = distill_ray(
                 data, cfg.student.id, cfg.student.model_kwargs, task.num_classes, pre.to_dict(),
                 cfg.distill.model_dump(mode="json"), cfg.seed,
-                hooks.get("storage") or join(cfg.storage_uri(), "ray_results"), run_name, world, cfg.distill.use_gpu,
-                cpus_per_worker=ctx.cpus_per_worker,
+                hooks.get("storage") or join(cfg.storage_uri(), "ray_results"), run_name, cfg.distill.num_workers,
+                cfg.distill.use_gpu, cpus_per_worker=ctx.cpus_per_worker,
                 teacher_checkpoint={**ctx.cache_ref(ctx.adapted.parent), "file": ctx.adapted.name} if online else None,
-                callbacks=hooks.get("callbacks"), extra_metrics=hooks.get("extra_metrics"),
-                augment=cfg.data.augment_policy().model_dump(mode="json"))
+                callbacks=hooks.get("callbacks"), report=hooks.get("report"),
+                extra_metrics={**(hooks.get("extra_metrics") or {}), "kt_execution": mode},
+                augment=cfg.data.augment_policy().model_dump(mode="json"), execution=mode)
         student = create_student(cfg.student.id, task.num_classes, pre, cfg.student.model_kwargs)
         student.load_state_dict(student_state(state))
         per_img = train_flops(student, (pre.channels, *pre.size))
@@ -79,7 +88,8 @@ def stage_distill(ctx: Ctx, outputs: Path, name: str = "distill", record_as: str
         for e, loss in enumerate(tlog["loss"]):
             vt = tlog.get("val_top1", [])
             ctx.tracker.metrics({f"{name}_loss": loss, **({f"{name}_val_top1": vt[e]} if len(vt) > e else {})}, step=e)
-        out.update(epochs=epochs, resumed_at_epoch=max(tlog["starts"]), restarts=len(tlog["starts"]) - 1,
+        out.update(execution=mode, epochs=epochs, resumed_at_epoch=max(tlog["starts"]),
+                   restarts=len(tlog["starts"]) - 1,
                    final_loss=tlog["loss"][-1], train_flops_per_image=per_img, teacher_forward_passes=teacher_passes,
                    per_epoch={k: tlog[k] for k in EPOCH_HISTORY if k in tlog})  # lists, not logged as numbers
         return student

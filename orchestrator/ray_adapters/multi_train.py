@@ -1,17 +1,20 @@
-"""Ray Train adapter for paper 2's multi-source distillation (Borup et al., ICCV 2023): a TorchTrainer whose
-workers read every source's cached signals (memory-mapped .npy from the shared stage cache) and run
-:func:`orchestrator.stages.multi_distill.multi_distill_epoch` on their shard (DDP, gloo on CPU, NCCL on GPU).
-Rank 0 checkpoints every epoch; re-running with the same ``name`` and ``storage_path`` resumes. Modelled on
-:mod:`orchestrator.ray_adapters.train` (single-teacher distillation), which it leaves unchanged.
+"""Ray Train adapter for paper 2's multi-source distillation (Borup et al., ICCV 2023): a loop that reads every
+source's cached signals (memory-mapped .npy from the shared stage cache) and runs
+:func:`orchestrator.stages.multi_distill.multi_distill_epoch` on its shard, in process or on a TorchTrainer
+worker group (DDP, gloo on CPU, NCCL on GPU) as :mod:`orchestrator.ray_adapters.loop_session` decides. Rank 0
+persists the loop's state every epoch; re-running with the same ``name`` and ``storage_path`` resumes, in any
+mode. Modelled on :mod:`orchestrator.ray_adapters.train` (single-teacher distillation).
 """
 from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
-from orchestrator.ray_adapters.session import fit_state, quiet_train_worker, report_epoch, say
-from orchestrator.ray_adapters.train import resolve_ref  # the same cache references
+from typing import Callable
+
+from orchestrator.ray_adapters.loop_session import LoopSession, run_loop
+from orchestrator.ray_adapters.session import quiet_train_worker, say
+from orchestrator.ray_adapters.train import ray_ddp, resolve_ref  # the same cache references
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +34,7 @@ def load_data(config: dict):
                             ImageSet(lab["images"], lab["labels"]) if lab else None)
 
 
-def _train_fn(config: dict) -> None:
-    import ray.train
+def _train_fn(config: dict, report: Callable[[dict], None] | None = None) -> None:
     import torch
 
     from orchestrator.config import SourceTransferConfig
@@ -43,25 +45,22 @@ def _train_fn(config: dict) -> None:
     from orchestrator.stages.schedule import distill_plan
     from orchestrator.stages.multi_distill import MultiSourceStudent, make_optimizer, multi_distill_epoch, new_log
 
-    quiet_train_worker()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    session = LoopSession(config["kt_state"], report)
+    if session.mode == "worker_group":
+        quiet_train_worker()
+    rank, world = session.rank, session.world
     torch.set_num_threads(config["threads_per_worker"])
     cfg = SourceTransferConfig(**config["sources_cfg"])
-    device = ray.train.torch.get_device() if cfg.distill.use_gpu else torch.device("cpu")
+    device = session.device(cfg.distill.use_gpu)
     pre = Preprocess.from_dict(config["preprocess"])
     data = load_data(config)
     torch.manual_seed(config["seed"])
     student = create_student(config["student"], config["num_classes"], pre, config["model_kwargs"])
     model = prepare_model(MultiSourceStudent(student, [s.features.shape[1] for s in data.sources]), device)
     opt, sched = make_optimizer(model, cfg.distill, len(data.images), world)
-    start, tlog = 0, new_log()
-    ck = ray.train.get_checkpoint()
-    if ck:
-        with ck.as_directory() as cd:
-            start, tlog = load_state(Path(cd) / "state.pt", model, opt, sched)
+    start, tlog = session.restore(lambda p: load_state(p, model, opt, sched)) or (0, new_log())
     tlog["starts"].append(start)
-    ddp = ray.train.torch.prepare_model(model) if world > 1 else model
+    ddp = ray_ddp(model) if world > 1 else model
     plan = distill_plan(len(data.images), cfg.distill, world)  # the budget's steps and reporting epochs
     for epoch in range(start, plan.epochs):
         t0 = time.perf_counter()
@@ -71,14 +70,16 @@ def _train_fn(config: dict) -> None:
         tlog["seconds"].append(seconds)
         if rank == 0:
             say(f"[kt] multi-source distill epoch {epoch + 1}/{plan.epochs}: loss {loss:.4f} ({seconds:.0f} s)")
-        report_epoch({"epoch": epoch + 1, "loss": loss, "epoch_seconds": seconds}, rank,
-                     lambda d: save_state(d / "state.pt", model, opt, sched, epoch, tlog))
+        session.report({"epoch": epoch + 1, "loss": loss, "epoch_seconds": seconds},
+                       lambda p: save_state(p, model, opt, sched, epoch, tlog))
 
 
 def multi_distill_ray(sources: list[dict], labeled: dict | None, student: str, model_kwargs: dict,
                       num_classes: int, preprocess: dict, sources_cfg: dict, seed: int, storage_path: str,
-                      name: str, cpus_per_worker: float = 1.0):
-    """Multi-source distillation with a TorchTrainer of ``sources_cfg["distill"]["num_workers"]`` workers.
+                      name: str, cpus_per_worker: float = 1.0, report: Callable[[dict], None] | None = None):
+    """Multi-source distillation, in process or with a TorchTrainer of ``sources_cfg["distill"]["num_workers"]``
+    workers (:func:`orchestrator.ray_adapters.loop_session.resolve_execution` of ``distill.execution``;
+    ``distill.backend: local`` is ``execution: in_process``).
 
     Args:
         sources: ``[{"name", "weight", "entry"}]``, ``entry`` a cache reference ``{"storage", "kind", "key"}``
@@ -86,30 +87,22 @@ def multi_distill_ray(sources: list[dict], labeled: dict | None, student: str, m
             read from the first).
         labeled: ``{"images": (N_l, H, W, C) uint8, "labels": (N_l,) int64}`` (travels inline) or None.
         sources_cfg: ``SourceTransferConfig.model_dump()`` (loss weights, temperature, ``distill`` recipe).
-        name, storage_path: the Ray Train run identity (the same pair resumes from its latest checkpoint).
+        name, storage_path: the run identity (the same pair resumes from ``<storage_path>/<name>/kt_state.pt``).
+        report: inside a Ray Tune trial, ``ray.tune.report`` (an in-process loop reports to it).
     Returns:
         (state dict of the :class:`~orchestrator.stages.multi_distill.MultiSourceStudent`, training log:
-        per-epoch "loss" and rank-0 "seconds", and "starts").
+        per-epoch "loss" and rank-0 "seconds", "starts" and "execution").
     Raises:
-        ray.train.TrainingFailedError after the worker retries run out.
+        ray.train.TrainingFailedError after a worker group's retries run out; whatever the loop raises in process.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig
+    from orchestrator.stages.distill import read_state
 
-    from orchestrator.ray_adapters.session import ensure_ray, torch_trainer
-
-    ensure_ray()
     d = sources_cfg["distill"]
-    trainer = torch_trainer(
-        _train_fn,
-        train_loop_config=dict(sources=sources, labeled=labeled, student=student, model_kwargs=model_kwargs,
-                               num_classes=num_classes, preprocess=preprocess, sources_cfg=sources_cfg, seed=seed,
-                               threads_per_worker=max(1, int(cpus_per_worker))),
-        scaling_config=ScalingConfig(num_workers=d["num_workers"], use_gpu=d["use_gpu"],
-                                     resources_per_worker={"CPU": cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if d["use_gpu"] else "gloo"),
-        run_config=RunConfig(name=name, storage_path=str(storage_path),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=1)),
-    )
-    return fit_state(trainer)
+    config = dict(sources=sources, labeled=labeled, student=student, model_kwargs=model_kwargs,
+                  num_classes=num_classes, preprocess=preprocess, sources_cfg=sources_cfg, seed=seed,
+                  threads_per_worker=max(1, int(cpus_per_worker)))
+    execution = "in_process" if d.get("backend") == "local" else d.get("execution", "auto")
+    (model, tlog), mode = run_loop(_train_fn, config, name=name, storage_path=storage_path, execution=execution,
+                                   num_workers=d["num_workers"], use_gpu=d["use_gpu"],
+                                   cpus_per_worker=cpus_per_worker, report=report, read=read_state)
+    return model, {**tlog, "execution": mode}

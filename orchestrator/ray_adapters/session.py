@@ -33,12 +33,25 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         root.setLevel(level)
         root.handlers[:] = handlers
         logging.getLogger("ray").setLevel(logging.WARNING)
+    if not sys.stdout.isatty():
+        plain_worker_log_lines()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
     if not ctx.enable_progress_bars:  # off on purpose in a log file: no "Progress bars disabled" warning
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     ctx.print_on_execution_start = False
     log.info("%s; resources: %s", where, ray.cluster_resources())
+
+
+def plain_worker_log_lines() -> None:
+    """Worker lines that Ray prints on this driver without ANSI colour codes (stdout is a log file, not a
+    terminal): no colour around the ``(pid=...)`` prefix (``RAY_COLOR_PREFIX=0``, read per line) and none around
+    the ``[repeated Nx across cluster]`` suffix of de-duplicated lines, which Ray colours unconditionally
+    (``ray._private.ray_logging._color``)."""
+    from ray._private import ray_logging
+
+    os.environ["RAY_COLOR_PREFIX"] = "0"
+    ray_logging._color = lambda msg: msg
 
 
 _GCS_PORT = "RAY_GCS_SERVER_PORT"  # read by Ray when it starts a head node
@@ -183,32 +196,3 @@ def free_left_placement_group(key: str) -> bool:
                 hex_id.decode()[:12], key.rsplit("/", 1)[-1], state)
     remove_placement_group(pg)
     return True
-
-
-def report_epoch(metrics: dict, rank: int, save) -> None:
-    """In a Ray Train worker: ``ray.train.report(metrics)``, with a checkpoint from rank 0 only, written by
-    ``save(directory)`` into a temporary directory that Ray persists."""
-    import tempfile
-    from pathlib import Path
-
-    import ray.train
-    from ray.train import Checkpoint
-
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = None
-        if rank == 0:
-            save(Path(tmp))
-            ckpt = Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=ckpt)
-
-
-def fit_state(trainer) -> tuple[dict, dict]:
-    """``trainer.fit()``, then the ``state.pt`` of its last checkpoint: (model state_dict, training log)."""
-    from pathlib import Path
-
-    import torch
-
-    result = trainer.fit()
-    with result.checkpoint.as_directory() as cd:
-        state = torch.load(Path(cd) / "state.pt", map_location="cpu", weights_only=False)
-    return state["model"], state["log"]

@@ -1,25 +1,29 @@
-"""Ray Train adapter: distributed student distillation with TorchTrainer (gloo on CPU, NCCL on GPU).
+"""Ray Train adapter: student distillation in process or on a TorchTrainer worker group (gloo on CPU, NCCL
+on GPU), as :mod:`orchestrator.ray_adapters.loop_session` decides.
 
-Workers read the cached transfer images and teacher logits from shared storage (memory-mapped .npy), run
-``stages.distill.distill_epoch`` on their shard, and rank 0 checkpoints every epoch. Re-running with the same
-``name`` and ``storage_path`` resumes from the latest checkpoint (Ray Train V2 semantics).
+The loop reads the cached transfer images and teacher logits from shared storage (memory-mapped .npy), runs
+``stages.distill.distill_epoch`` on its shard, and rank 0 persists the loop's state after every reporting epoch
+(``<storage>/<run name>/kt_state.pt``). Re-running with the same ``name`` and ``storage_path`` resumes from it,
+in any mode.
 """
 from __future__ import annotations
 
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
-from orchestrator.ray_adapters.session import fit_state, quiet_train_worker, report_epoch, say
+from orchestrator.ray_adapters.loop_session import LoopSession, run_loop
+from orchestrator.ray_adapters.session import quiet_train_worker, say
 
 log = logging.getLogger(__name__)
 
 EPOCH_HISTORY = ("loss", "val_top1")  # the training log's per-epoch lists a resumed driver may need again
 
 
-def _train_fn(config: dict) -> None:
+def _train_fn(config: dict, report: Callable[[dict], None] | None = None) -> None:
+    """The distillation loop (see :func:`distill_ray`); ``report``: set when it runs in a Tune trial's process."""
     import numpy as np
-    import ray.train
     import torch
 
     from orchestrator.config import AugmentPolicy, DistillConfig
@@ -31,13 +35,14 @@ def _train_fn(config: dict) -> None:
     from orchestrator.stages.evaluate import evaluate
     from orchestrator.stages.schedule import distill_plan
 
-    quiet_train_worker()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    session = LoopSession(config["kt_state"], report)
+    if session.mode == "worker_group":
+        quiet_train_worker()
+    rank, world = session.rank, session.world
     torch.set_num_threads(config["threads_per_worker"])
     cfg = DistillConfig(**config["distill"])
     augment = AugmentPolicy(**config["augment"]) if config.get("augment") else None
-    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+    device = session.device(cfg.use_gpu)
     pre = Preprocess.from_dict(config["preprocess"])
     d, lab, val = _inputs(config["data"])
     online = cfg.teacher_outputs == "online"
@@ -55,18 +60,14 @@ def _train_fn(config: dict) -> None:
     model = prepare_model(model, device)  # channels-last on CUDA
     plan = distill_plan(len(data.images), cfg, world)  # the budget's steps, reporting epochs and LR schedule
     opt, sched = make_optimizer(model, cfg, len(data.images), world)
-    start, log = 0, new_log()
-    ck = ray.train.get_checkpoint()
-    if ck:
-        with ck.as_directory() as cd:
-            start, log = load_state(Path(cd) / "state.pt", model, opt, sched)
-        if rank == 0:
-            say(f"[kt] resumed distillation from its checkpoint at epoch {start}/{plan.epochs}")
+    start, log = session.restore(lambda p: load_state(p, model, opt, sched)) or (0, new_log())
+    if start and rank == 0:
+        say(f"[kt] resumed distillation from its checkpoint at epoch {start}/{plan.epochs}")
     log["starts"].append(start)
-    ddp = ray.train.torch.prepare_model(model) if world > 1 else model
+    ddp = ray_ddp(model) if world > 1 else model
     hooks = config.get("epoch_hooks") or []
     if rank == 0 and start == 0:
-        say(f"[kt] distillation: {plan.describe()}")
+        say(f"[kt] distillation ({_where(session)}): {plan.describe()}")
     for epoch in range(start, plan.epochs):
         t0 = time.perf_counter()
         loss = distill_epoch(ddp, opt, sched, data, pre, cfg, epoch, config["seed"], rank, world, device, augment)
@@ -85,10 +86,20 @@ def _train_fn(config: dict) -> None:
         if rank == 0:
             shown = f", val top-1 {metrics['val_top1']:.4f}" if val is not None else ""
             say(f"[kt] distill epoch {epoch + 1}/{plan.epochs}: loss {loss:.4f}{shown} ({seconds:.0f} s)")
-        report_epoch(metrics, rank,
-                     lambda d: save_state(d / "state.pt", model, opt, sched, epoch, log))
+        session.report(metrics, lambda p: save_state(p, model, opt, sched, epoch, log))
         for hook in hooks:  # after the epoch's checkpoint (e.g. a test's fault injection)
             hook(epoch, rank)
+
+
+def ray_ddp(model):
+    """``model`` wrapped for DDP across the Ray Train worker group (``ray.train.torch.prepare_model``)."""
+    import ray.train.torch
+
+    return ray.train.torch.prepare_model(model)
+
+
+def _where(session: LoopSession) -> str:
+    return "in process" if session.mode == "in_process" else f"{session.world} Ray Train workers"
 
 
 def resolve_ref(ref) -> Path:
@@ -124,8 +135,11 @@ def _inputs(src):
 def distill_ray(data, student: str, model_kwargs: dict, num_classes: int, preprocess: dict,
                 distill: dict, seed: int, storage_path: Path, name: str, num_workers: int, use_gpu: bool,
                 cpus_per_worker: float = 1.0, epoch_hooks: list | None = None, teacher_checkpoint: str | None = None,
-                callbacks: list | None = None, extra_metrics: dict | None = None, augment: dict | None = None):
-    """Distill with a TorchTrainer of ``num_workers`` workers.
+                callbacks: list | None = None, extra_metrics: dict | None = None, augment: dict | None = None,
+                report: Callable[[dict], None] | None = None, execution: str | None = None):
+    """Distill in process or with a TorchTrainer of ``num_workers`` workers
+    (:func:`orchestrator.ray_adapters.loop_session.resolve_execution` of ``execution``, default
+    ``distill["execution"]``).
 
     Args:
         data: the transfer set, its teacher outputs and the labeled images. Either a directory with images.npy
@@ -134,44 +148,35 @@ def distill_ray(data, student: str, model_kwargs: dict, num_classes: int, prepro
             ``{"storage": URI or path, "kind", "key", "labeled": {"images", "labels"}, "val": ... or None}``.
             logits/features are not read in online mode; with validation images rank 0 reports ``val_top1``
             after every epoch.
-        name, storage_path: the Ray Train run identity; the same pair resumes from its latest checkpoint.
+        name, storage_path: the run identity; the same pair resumes from the loop's state
+            (``<storage_path>/<name>/kt_state.pt``), whichever mode ran before.
         teacher_checkpoint: the adapted teacher (a kt-model/1 path, or a cache reference with ``file``),
             loaded by every worker in online mode.
-        callbacks: Ray Train callbacks, e.g. Tune's TuneReportCallback inside a sweep trial.
+        callbacks: Ray Train callbacks of a worker group, e.g. Tune's TuneReportCallback inside a sweep trial.
+        report: inside a Ray Tune trial, ``ray.tune.report``: an in-process loop reports to it directly.
         extra_metrics: constants added to every epoch's report (e.g. the student's FLOPs for a sweep).
         augment: the task's augmentation, ``cfg.data.augment_policy().model_dump(mode="json")`` (used when
             ``distill.augment``); None: the label-preserving default (shift only, no flip).
-        epoch_hooks: picklable callables every worker runs as ``hook(epoch, rank)`` after each epoch's report and
-            checkpoint (tests/ray/test_ray_stages.py kills the worker group with one).
+        epoch_hooks: picklable callables the loop runs as ``hook(epoch, rank)`` after each epoch's checkpoint
+            and report (tests kill the worker group, or the process, with one).
     Budget: ``distill.steps`` optimizer steps (or ``distill.epochs`` passes), split into reporting epochs of
         ``epoch_steps`` steps (:func:`orchestrator.stages.schedule.distill_plan`); one report and checkpoint per
         reporting epoch (its metrics include ``steps``, the optimizer steps so far).
     Returns:
         (state_dict of the student, training log: per-epoch "loss", rank-0 "seconds", "steps" and (with val.npz)
-        "val_top1", and "starts", the epoch each (re)start began at: more than one entry means the run
-        resumed from a checkpoint).
+        "val_top1", "starts", the epoch each (re)start began at: more than one entry means the run resumed from
+        its checkpoint, and "execution": ``"in_process"`` or ``"worker_group"``).
     Raises:
-        ray.train.TrainingFailedError after the worker retries run out.
+        ray.train.TrainingFailedError after a worker group's retries run out; whatever the loop raises in process.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig
+    from orchestrator.stages.distill import read_state
 
-    from orchestrator.ray_adapters.session import ensure_ray, torch_trainer
-
-    ensure_ray()
-    trainer = torch_trainer(
-        _train_fn,
-        train_loop_config=dict(data=data if isinstance(data, dict) else str(data), student=student,
-                               model_kwargs=model_kwargs,
-                               num_classes=num_classes, preprocess=preprocess, distill=distill, seed=seed,
-                               threads_per_worker=max(1, int(cpus_per_worker)), epoch_hooks=epoch_hooks or [],
-                               teacher_checkpoint=teacher_checkpoint, extra_metrics=extra_metrics or {},
-                               augment=augment),
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(name=name, storage_path=str(storage_path),  # a local path or a storage URI
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=1), callbacks=callbacks or []),
-    )
-    return fit_state(trainer)
+    config = dict(data=data if isinstance(data, dict) else str(data), student=student, model_kwargs=model_kwargs,
+                  num_classes=num_classes, preprocess=preprocess, distill=distill, seed=seed,
+                  threads_per_worker=max(1, int(cpus_per_worker)), epoch_hooks=epoch_hooks or [],
+                  teacher_checkpoint=teacher_checkpoint, extra_metrics=extra_metrics or {}, augment=augment)
+    (model, tlog), mode = run_loop(
+        _train_fn, config, name=name, storage_path=storage_path,
+        execution=execution or distill.get("execution", "auto"), num_workers=num_workers, use_gpu=use_gpu,
+        cpus_per_worker=cpus_per_worker, callbacks=callbacks, report=report, read=read_state)
+    return model, {**tlog, "execution": mode}

@@ -159,6 +159,12 @@ def load_state(path: Path, model: nn.Module, opt, sched) -> tuple[int, dict]:
     return st["epoch"] + 1, st["log"]
 
 
+def read_state(path: Path) -> tuple[dict, dict]:
+    """(model state_dict, training log) of a state written by :func:`save_state` (the finished run's student)."""
+    st = torch.load(path, map_location="cpu", weights_only=False)
+    return st["model"], st["log"]
+
+
 def new_log() -> dict:
     """An empty training log (see :func:`save_state`)."""
     return {"loss": [], "seconds": [], "steps": [], "starts": []}

@@ -13,12 +13,11 @@ with ``q_s`` the source's pseudo-label log-probabilities (a probe on its frozen 
 :mod:`orchestrator.methods.source_signals`), ``g_s`` its (D_s,) features, ``f`` the student's penultimate
 features and ``P_s`` one linear projection head per source. DistillNearest is the case of one source, w = 1.
 
-Plain torch, no Ray: :func:`multi_distill_local` runs it in-process; the Ray Train adapter
-(``orchestrator/ray_adapters/multi_train.py``) runs :func:`multi_distill_epoch` on DDP workers.
+Plain torch, no Ray: the loop of ``orchestrator/ray_adapters/multi_train.py`` runs :func:`multi_distill_epoch`
+in process or on DDP workers.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +27,7 @@ from torch import nn
 from orchestrator.config import SourceDistillConfig, SourceTransferConfig
 from orchestrator.data.images import ImageSet
 from orchestrator.models.preprocess import Preprocess
-from orchestrator.stages.accel import autocast, prepare_model, to_device
+from orchestrator.stages.accel import autocast, to_device
 from orchestrator.stages.loop import model_input
 from orchestrator.stages.losses import LOSSES
 from orchestrator.stages.schedule import distill_plan, optimizer_step
@@ -130,19 +129,3 @@ def multi_distill_epoch(model: nn.Module, opt, sched, data: MultiDistillData, pr
                 loss = loss + cfg.ce_weight * ce(model(xl)[0], yl)
         losses.append(optimizer_step(opt, sched, loss))
     return float(np.mean(losses))
-
-
-def multi_distill_local(student: nn.Module, data: MultiDistillData, preprocess: Preprocess,
-                        cfg: SourceTransferConfig, seed: int = 0, device: str = "cpu") -> tuple[nn.Module, dict]:
-    """Distill ``student`` from ``data.sources`` in this process for the budget of ``cfg.distill``
-    (:func:`~orchestrator.stages.schedule.distill_plan`: steps or epochs; AdamW, warm-up + cosine). Returns (the trained student, on ``device``; log ``{"loss", "seconds", "starts"}``)."""
-    torch.manual_seed(seed)
-    model = prepare_model(MultiSourceStudent(student, [s.features.shape[1] for s in data.sources]), device)
-    opt, sched = make_optimizer(model, cfg.distill, len(data.images))
-    log = new_log()
-    log["starts"].append(0)
-    for epoch in range(distill_plan(len(data.images), cfg.distill).epochs):
-        t0 = time.perf_counter()
-        log["loss"].append(multi_distill_epoch(model, opt, sched, data, preprocess, cfg, epoch, seed, device=device))
-        log["seconds"].append(time.perf_counter() - t0)
-    return model.student, log

@@ -128,9 +128,10 @@ def run_trial(sctx: SweepContext, trial_id: str, labels: dict[str, Any], report:
               callbacks: list | None = None) -> dict:
     """Run (or re-report) one trial.
 
-    Distillation runs as a Ray Train run named after the trial (a restarted trial resumes from its last
-    epoch checkpoint) and reports every epoch through ``callbacks`` (Tune's TuneReportCallback); the
-    finetune stage (paper stage 3) and evaluation run here. The final report has ``val_top1`` (after
+    Distillation runs in this process (one CPU worker: its epochs reported to ``report``) or on a Ray Train
+    worker group (reported through ``callbacks``, Tune's TuneReportCallback), as a run named after the trial: a
+    restarted trial resumes from its last epoch checkpoint. The finetune stage (paper stage 3) and evaluation
+    run here. The final report has ``val_top1`` (after
     finetuning: the objective), ``test_top1``, ``student_flops`` (forward FLOPs per image), ``device_seconds``
     (distill + finetune), ``train_flops``, ``images_seen``, ``kt_final`` = 1, ``kt_tags`` (str values),
     ``kt_params`` (the drawn labels) and ``kt_earlier`` (per-epoch distillation ``loss``/``val_top1`` lists: the
@@ -168,7 +169,7 @@ def run_trial(sctx: SweepContext, trial_id: str, labels: dict[str, Any], report:
             _attempt(tdir, f"reused {twin.name}")
         else:
             _attempt(tdir, "start")
-            final = _train(sctx, cfg, trial_id, tdir, callbacks, started)
+            final = _train(sctx, cfg, trial_id, tdir, callbacks, started, report)
             final["kt_params"] = dict(labels)
             _attempt(tdir, "finished")
             log.info("trial %s: val top-1 %.4f, test top-1 %.4f", trial_id, final["val_top1"], final["test_top1"])
@@ -181,10 +182,11 @@ TRAINING_STAGES = ("distill", "finetune", "ssl_pretrain", "baseline")  # what a 
 
 
 def _train(sctx: SweepContext, cfg: PipelineConfig, trial_id: str, tdir: Path, callbacks: list | None,
-           started: float) -> dict:
-    """The trial's method (distillation on Ray Train, finetuning), evaluated on the validation and test
-    images; the trial's final report, with the seconds of its parts (:func:`trial_timing`). ``started``: when
-    the trial function began (Unix seconds)."""
+           started: float, report: Callable[[dict], None]) -> dict:
+    """The trial's method (distillation in this process or on a Ray Train worker group, finetuning), evaluated
+    on the validation and test images; the trial's final report, with the seconds of its parts
+    (:func:`trial_timing`). ``started``: when the trial function began (Unix seconds). An in-process
+    distillation reports its epochs to ``report``; a worker group's go through ``callbacks``."""
     import torch
 
     from orchestrator.methods import METHODS
@@ -197,7 +199,7 @@ def _train(sctx: SweepContext, cfg: PipelineConfig, trial_id: str, tdir: Path, c
     fwd = _student_flops(ctx, cfg)
     t_setup = time.perf_counter()
     ctx.train_hooks = {"run_name": trial_id, "storage": join(sctx.remote_dir, "train"), "callbacks": callbacks,
-                       "extra_metrics": {"student_flops": float(fwd)}}
+                       "report": report, "extra_metrics": {"student_flops": float(fwd)}}
     method = METHODS.get(cfg.method)
     res = method.train(ctx)
     final_test = stage_evaluate(ctx, "student", method.role, res.student, res.preprocess, res.model_id)
@@ -216,6 +218,7 @@ def _train(sctx: SweepContext, cfg: PipelineConfig, trial_id: str, tdir: Path, c
         "distill_restarts": float(d.get("restarts", 0)),
         "transfer_set_size": float(st.get("transfer_set", {}).get("size", 0)),
         "teacher_forward_passes": float(passes), "kt_final": 1.0, "kt_earlier": d.get("per_epoch") or {},
+        **({"kt_execution": d["execution"]} if "execution" in d else {}),
         "kt_tags": {"method": cfg.method, "teacher": sctx.teacher_id or "", "transfer_set.source": cfg.transfer_set.source,
                     "student": res.model_id, "trial_dir": str(tdir),
                     **{f"{k}.key": v for k, v in ctx.keys.items() if k in LINEAGE_STAGES}},

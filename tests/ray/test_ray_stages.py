@@ -85,3 +85,84 @@ def test_placement_group_left_by_a_dead_attempt_is_freed(local_ray):
     remove_placement_group(done)  # an attempt that ended normally
     _internal_kv_put(f"{_PG_KEYS}/tmp/storage/train/trial_c", done.id.hex(), overwrite=True)
     assert not free_left_placement_group(f"{_PG_KEYS}/tmp/storage/train/trial_c")
+
+
+def reports_recorder(path):
+    """A Ray Train callback (run in the controller) that appends rank 0's metrics of every report to ``path``,
+    one JSON line each: what TuneReportCallback forwards to a sweep trial. Made here so it pickles by value."""
+    from ray.train import UserCallback
+
+    class Record(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            import json
+
+            with open(path, "a") as f:
+                f.write(json.dumps(metrics[0]) + "\n")
+    return Record()
+
+
+class _Runs:
+    """ChildRuns' interface over a list: what the ledger logs, as (step, sorted metric names)."""
+
+    def __init__(self):
+        self.logged: list[tuple[int, tuple[str, ...]]] = []
+
+    def find(self, key):
+        return None
+
+    def create(self, key, name, params, tags):
+        return "run"
+
+    def log(self, run_id, metrics, step, tags=None, params=None):
+        self.logged.append((step, tuple(sorted(k for k in metrics if k not in ("epoch_seconds", "device_seconds"))),
+                            dict(params or {})))
+
+
+def ledger_history(reports):
+    from types import SimpleNamespace
+
+    from orchestrator.ray_adapters.tune import TrialLedger
+
+    ledger = TrialLedger("sqlite:///unused.db", "0", "parent", "/tmp", "s", row=dict, total=1)
+    ledger._client = runs = _Runs()
+    trial = SimpleNamespace(trial_id="t1", config={})
+    for r in reports:
+        ledger.on_trial_result(0, [], trial, r)
+    return runs.logged
+
+
+def test_resumed_in_process_trial_reports_to_the_ledger_as_a_worker_group_does(local_ray, fmnist,
+                                                                               tiny_teacher_ckpt, tmp_path):
+    """The same distillation, failed after its first epoch and resumed, once on a 2-worker group (Ray Train's
+    restart, reports forwarded by a controller callback as TuneReportCallback does) and once in a trial's own
+    process (the trial restarted, reports to its callable): the trial ledger logs the same MLflow history, steps
+    1-4 with the same metrics, and the run param says where each ran."""
+    import functools
+    import json
+
+    from orchestrator.ray_adapters.train import distill_ray
+    from tests.unit.test_in_process_training import Interrupted, raise_once_after
+
+    write_distill_dir(tmp_path / "data", fmnist, tiny_teacher_ckpt)
+    np.savez(tmp_path / "data" / "val.npz", images=fmnist.train.images[700:730], labels=fmnist.train.labels[700:730])
+    cfg = DistillConfig(epochs=4, batch_size=64, lr=3e-3, ce_weight=0.5).model_dump()
+    args = (tmp_path / "data", "timm/resnet10t", TINY_RESNET, 10, PRE.to_dict(), cfg, 0, tmp_path / "train")
+    recorded = tmp_path / "reports.jsonl"
+    _, group = distill_ray(*args, "group", 2, False, epoch_hooks=[die_once_after(0, tmp_path / "died")],
+                           callbacks=[reports_recorder(str(recorded))], extra_metrics={"kt_execution": "worker_group"})
+    by_group = [json.loads(line) for line in recorded.read_text().splitlines()]
+
+    by_process: list[dict] = []
+    hook = functools.partial(raise_once_after, 0, tmp_path / "failed")
+    with pytest.raises(Interrupted):
+        distill_ray(*args, "process", 1, False, epoch_hooks=[hook], report=by_process.append,
+                    extra_metrics={"kt_execution": "in_process"})
+    _, process = distill_ray(*args, "process", 1, False, epoch_hooks=[hook], report=by_process.append,
+                             extra_metrics={"kt_execution": "in_process"})
+    assert (group["execution"], process["execution"]) == ("worker_group", "in_process")
+    assert group["starts"] == process["starts"] == [0, 1]
+    a, b = ledger_history(by_group), ledger_history(by_process)
+    assert [s for s, _, _ in a] == [s for s, _, _ in b] == [1, 2, 3, 4]
+    assert [m for _, m, _ in a] == [m for _, m, _ in b] and "val_top1" in a[0][1]
+    assert a[0][2] == {"distill.execution_used": "worker_group"} and b[0][2] == {"distill.execution_used": "in_process"}
+    assert all(not p for _, _, p in a[1:] + b[1:])  # the param once per trial

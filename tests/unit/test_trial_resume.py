@@ -87,7 +87,7 @@ class _FakeRuns:
     def logged_steps(self, run_id, key):
         return self.logged.get(run_id, set())
 
-    def log(self, run_id, metrics, step, tags=None):
+    def log(self, run_id, metrics, step, tags=None, params=None):
         self.calls.append(("log", run_id, step))
         self.logged.setdefault(run_id, set()).add(step)
 
@@ -116,7 +116,7 @@ def test_resumed_training_run_backfills_the_epochs_a_killed_driver_missed():
     ledger._client = fake = _FakeRuns()
     fake.logged["r1"] = {1}
     logged = []
-    fake.log = lambda run_id, metrics, step, tags=None: logged.append((step, metrics))
+    fake.log = lambda run_id, metrics, step, tags=None, params=None: logged.append((step, metrics))
     trial = SimpleNamespace(trial_id="t1", config={})
     ledger.on_trial_result(0, [], trial, {"epoch": 3, "loss": 0.7, "val_top1": 0.4,
                                           "kt_earlier": {"loss": [0.9, 0.8], "val_top1": [0.2, 0.3]}})
