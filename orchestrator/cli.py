@@ -26,8 +26,9 @@ def run(task: Path = typer.Argument(..., help="task YAML, e.g. tasks/fashion_mni
     except _user_errors() as e:
         _fail(e)
     from orchestrator.report import print_run
+    from orchestrator.tracking import run_experiment_id
 
-    print_run(result)
+    print_run(result, run_experiment_id(result.tracking_uri, result.run_id))  # its link: the run's page
 
 
 @app.command()
@@ -138,11 +139,12 @@ def _print_registered(versions) -> None:
         scores = ", ".join(f"{k} {float(t['kt.' + k]):.4f}" for k in ("val_top1", "test_top1") if "kt." + k in t)
         flops = f", {float(t['kt.student_flops']) / 1e6:.2f} MFLOPs/img" if "kt.student_flops" in t else ""
         typer.echo(f"registered {v.source} as {v.uri} ({scores}{flops})")
-    if versions:
+    if versions:  # lines that work as printed: the environment's executables, without activating it
+        from orchestrator.report import env_command, serve_command
+
         v = versions[-1]
-        typer.echo(f"  serve it: MLFLOW_TRACKING_URI={v.tracking_uri} mlflow models serve -m {v.uri} "
-                   "--env-manager local -h 127.0.0.1 -p 5001")
-        typer.echo(f"  predict:  kt predict {v.uri} IMAGES... --tracking-uri {v.tracking_uri}")
+        typer.echo(f"  serve it: {serve_command(v.uri, v.tracking_uri)}")
+        typer.echo(f"  predict:  {env_command('kt')} predict {v.uri} IMAGES... --tracking-uri {v.tracking_uri}")
 
 
 @app.command()

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 
-def print_run(result) -> None:
-    """Print the result table of a RunResult and where to look in MLflow."""
+def print_run(result, experiment_id: str | None = None) -> None:
+    """Print the result table of a RunResult and where to look in MLflow (the run's page, given the id of its
+    experiment)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -35,8 +36,55 @@ def print_run(result) -> None:
               f"wall {m['wall_seconds_total']:.0f} s")
     con.print(f"run dir: {result.run_dir}")
     con.print(f"MLflow store: {result.tracking_uri}")
-    if result.tracking_uri.startswith("sqlite:"):
-        con.print(f"  view it: mlflow ui --backend-store-uri {result.tracking_uri}")
+    for line in mlflow_ui_lines(result.tracking_uri, experiment_id, result.run_id):
+        con.print(f"  {line}", highlight=False, soft_wrap=True)  # no line break inside a command or link
+
+
+def env_command(name: str) -> str:
+    """``name``'s executable in the running interpreter's environment (``<venv>/bin/kt``, ``.../mlflow``), as an
+    absolute, shell-quoted path: a printed command line then works without the virtualenv activated. Else the
+    one on PATH, else the bare name."""
+    import os
+    import shlex
+    import shutil
+    import sys
+
+    exe = os.path.join(os.path.dirname(os.path.abspath(sys.executable)), name)  # the venv's bin: no symlinks followed
+    if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
+        exe = shutil.which(name) or name
+    return shlex.quote(exe)
+
+
+def serve_command(model_uri: str, tracking_uri: str, port: int = 5001) -> str:
+    """The shell line that serves ``model_uri`` over REST (``mlflow models serve``, local environment, on
+    127.0.0.1:``port``). That command starts ``uvicorn`` by name from PATH, so the line puts the environment's
+    bin directory first on PATH; it works without the virtualenv activated."""
+    import os
+    import shlex
+
+    mlflow = env_command("mlflow")
+    bin_dir = os.path.dirname(shlex.split(mlflow)[0])
+    path = f"PATH={shlex.quote(bin_dir)}:\"$PATH\" " if bin_dir else ""
+    return (f"{path}MLFLOW_TRACKING_URI={shlex.quote(tracking_uri)} {mlflow} models serve -m {shlex.quote(model_uri)} "
+            f"--env-manager local -h 127.0.0.1 -p {port}")
+
+
+def mlflow_ui_lines(tracking_uri: str, experiment_id: str | None, run_id: str | None = None) -> list[str]:
+    """How to open an experiment's runs table (``#/experiments/<id>/runs``, or a run's page with ``run_id``) in
+    the MLflow UI: for a local store the ``mlflow ui`` line, then the link; for a tracking server the link.
+    (``#/experiments/<id>`` alone lands on MLflow 3's GenAI overview in a fresh browser.)"""
+    import shlex
+
+    local = tracking_uri.startswith(("sqlite:", "file:", "/"))
+    server = "http://127.0.0.1:5000" if local else tracking_uri.rstrip("/")
+    if not local and not tracking_uri.startswith(("http:", "https:")):
+        return []  # databricks and other stores: their own UI
+    link = server
+    if experiment_id is not None:
+        link = f"{server}/#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+    if local:
+        return [f"open it: {env_command('mlflow')} ui --backend-store-uri {shlex.quote(tracking_uri)}   then {link}"]
+    return [f"open it: {link}"]
 
 
 def finetune_line(ft: dict) -> str:
@@ -144,33 +192,31 @@ def _print_failures(con, rows: list[dict]) -> None:
     con.print(t)
 
 
-def _mlflow_hint(con, uri: str, experiment: str, parent_run_id: str) -> None:
+def _mlflow_hint(con, uri: str, experiment: str, parent_run_id: str, experiment_id: str | None) -> None:
     con.print(f"MLflow: experiment {experiment!r}, parent run {parent_run_id} (one child run per trial; "
               "artifacts pareto.png, trials.csv)")
-    if uri.startswith("sqlite:"):
-        con.print(f"  open it: mlflow ui --backend-store-uri {uri}   then http://127.0.0.1:5000")
-    else:
-        con.print(f"  open it: {uri}")
+    for line in mlflow_ui_lines(uri, experiment_id) or [uri]:
+        con.print(f"  {line}", highlight=False, soft_wrap=True)  # no line break inside a command or link
 
 
 def print_sweep_dir(sweep_dir, console=None) -> None:
     """`kt report`: the Pareto tables of a sweep directory (its ``trials/*/row.json``) and where it is in MLflow."""
-    import json
     import sys
     from pathlib import Path
 
     from rich.console import Console
 
-    from orchestrator.sweeps.driver import load_rows
+    from orchestrator.sweeps.driver import load_rows, sweep_state
 
     d = Path(sweep_dir)
-    state = json.loads((d / "sweep.json").read_text())
+    state = sweep_state(d)
     con = console or Console(width=None if sys.stdout.isatty() else 160)
     print_sweep(load_rows(d), title=f"{state['name']} ({state.get('status', '?')})", console=con)
     con.print(f"sweep dir: {d}  (trials.csv, pareto.png)")
-    _mlflow_hint(con, state["tracking_uri"], state["experiment"], state["parent_run_id"])
-    con.print(f"deploy a trial's student: kt register {state['name']} [--trial ID | --budget MFLOPS]; "
-              f"kt export {state['name']} --trial ID --format onnx")
+    _mlflow_hint(con, state["tracking_uri"], state["experiment"], state["parent_run_id"], state.get("experiment_id"))
+    kt = env_command("kt")
+    con.print(f"deploy a trial's student: {kt} register {state['name']} [--trial ID | --budget MFLOPS]; "
+              f"{kt} export {state['name']} --trial ID --format onnx", highlight=False, soft_wrap=True)
 
 
 def print_sweep_result(result, console=None) -> None:

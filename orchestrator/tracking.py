@@ -180,15 +180,18 @@ class ChildRuns:
         """Log file ``path`` as an artifact of child ``run_id`` (under ``subdir``)."""
         self.client.log_artifact(run_id, str(path), subdir)
 
-    def log(self, run_id: str, metrics: dict[str, float], step: int, tags: dict[str, str] | None = None) -> None:
-        """Metrics at ``step`` and tags, in one request."""
+    def log(self, run_id: str, metrics: dict[str, float], step: int, tags: dict[str, str] | None = None,
+            params: dict[str, str] | None = None) -> None:
+        """Metrics at ``step``, tags and params (MLflow refuses a param logged again with another value), in one
+        request."""
         import time
 
-        from mlflow.entities import Metric, RunTag
+        from mlflow.entities import Metric, Param, RunTag
 
         now = int(time.time() * 1000)
         self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()],
-                              tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
+                              tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+                              params=[Param(k, str(v)) for k, v in (params or {}).items()])
 
     def end(self, run_id: str, status: str, tags: dict[str, str]) -> None:
         """Set ``tags`` and terminate the run (``FINISHED`` or ``FAILED``)."""
@@ -203,6 +206,19 @@ def experiment_id(tracking_uri: str, name: str) -> str | None:
 
     exp = MlflowClient(tracking_uri).get_experiment_by_name(name)
     return exp.experiment_id if exp else None
+
+
+def run_experiment_id(tracking_uri: str, run_id: str) -> str | None:
+    """The experiment of run ``run_id``, or None where it cannot be read (no such run or store: a sqlite file
+    that does not exist is not created)."""
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):].split("?")[0]).is_file():
+        return None  # sqlite:////abs/mlflow.db, sqlite:///relative.db
+    try:
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
+    except Exception:  # a printed hint, not worth failing a finished command for
+        return None
 
 
 def log_pyfunc_model(tracking_uri: str, run_id: str | None, parts: Callable[[Path], dict], name: str = "model",

@@ -2,8 +2,9 @@
 resources and retries, resume, and a driver-side callback that writes each trial's MLflow child run and its
 row in the sweep's trial ledger.
 
-Each trial is a function trainable that runs one Ray Train distillation (the Ray 2.x pattern for Train inside
-Tune: ``TorchTrainer.fit()`` in the trial, metrics forwarded by ``TuneReportCallback``).
+Each trial is a function trainable whose distillation runs in the trial's own process (one CPU worker: its
+epochs reported with ``tune.report``) or on a Ray Train worker group (the Ray 2.x pattern for Train inside Tune:
+``TorchTrainer.fit()`` in the trial, metrics forwarded by ``TuneReportCallback``).
 """
 from __future__ import annotations
 
@@ -34,11 +35,13 @@ def trial_trainable(config: dict, sctx, run_trial) -> None:
 
 
 def _searcher(space):
+    """Optuna (NSGA-II for a multi-objective space, else TPE) behind :class:`DistinctConfigs` (no trial gets a
+    configuration an earlier trial got) and a ConcurrencyLimiter."""
     import optuna
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from orchestrator.ray_adapters.samplers import NSGAIISampler
+    from orchestrator.ray_adapters.samplers import DistinctConfigs, NSGAIISampler
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -51,7 +54,7 @@ def _searcher(space):
         startup = s.startup_trials or min(10, max(2, s.num_trials // 3))
         sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=startup)
         alg = OptunaSearch(space=space.suggest, metric=space.objective.metric, mode="max", sampler=sampler)
-    return ConcurrencyLimiter(alg, max_concurrent=s.max_concurrent_trials)
+    return ConcurrencyLimiter(DistinctConfigs(alg), max_concurrent=s.max_concurrent_trials)
 
 
 def _scheduler(space, max_epochs: int):
@@ -77,9 +80,8 @@ def run_tune(sctx, run_trial, max_epochs: int, callbacks: list, resume: bool):
     ensure_ray()
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # experiment state at most 1 s behind (resume)
     space, path = sctx.space, f"{sctx.remote_dir}/{EXPERIMENT}"
-    r = space.resources
     trainable = tune.with_resources(tune.with_parameters(trial_trainable, sctx=sctx, run_trial=run_trial),
-                                    {"CPU": r.trial_driver_cpus})
+                                    trial_resources(space.resources, sctx.base.get("distill") or {}))
     if resume and tune.Tuner.can_restore(path):
         log.info("resuming Tune experiment %s", path)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -90,9 +92,23 @@ def run_tune(sctx, run_trial, max_epochs: int, callbacks: list, resume: bool):
                                         num_samples=space.search.num_trials, reuse_actors=False),
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=sctx.remote_dir,  # a path or a storage URI
                                       callbacks=callbacks, verbose=0,  # TrialLedger logs a line per trial
-                                      failure_config=tune.FailureConfig(max_failures=r.max_failures)))
+                                      failure_config=tune.FailureConfig(max_failures=space.resources.max_failures)))
     grid = tuner.fit()
     return [res for res in grid]
+
+
+def trial_resources(r, distill: dict) -> dict[str, float]:
+    """What a trial's own process asks Ray for: ``trial_driver_cpus``, plus the worker's CPUs (and GPU) when its
+    distillation runs in that process (:func:`~orchestrator.ray_adapters.loop_session.resolve_execution` of the
+    sweep's base ``distill``); a worker group asks for its own workers when it starts. ``r``: the space's
+    ``resources``."""
+    from orchestrator.ray_adapters.loop_session import resolve_execution
+
+    workers = distill.get("num_workers", r.workers_per_trial)
+    if resolve_execution(distill.get("execution", "auto"), workers, r.gpus_per_worker > 0) == "worker_group":
+        return {"CPU": r.trial_driver_cpus}
+    gpu = {"GPU": r.gpus_per_worker} if r.gpus_per_worker else {}
+    return {"CPU": r.trial_driver_cpus + r.cpus_per_worker, **gpu}
 
 
 class TrialLedger(tune.Callback):
@@ -116,14 +132,16 @@ class TrialLedger(tune.Callback):
         self._started: dict[str, float] = {}  # trial id -> when Tune started it (Unix seconds)
         self._tracking: dict[str, float] = {}  # trial id -> seconds of its MLflow writes
         self._reopened: set[str] = set()  # child runs a killed driver left RUNNING, continued here
+        self._params_logged: set[str] = set()  # trials whose run params of the result were logged here
 
-    _TRANSIENT = ("_client", "_runs", "_done", "_started", "_tracking", "_reopened")
+    _TRANSIENT = ("_client", "_runs", "_done", "_started", "_tracking", "_reopened", "_params_logged")
 
     def __getstate__(self):  # pickled into the Tune experiment state: no client, no cached ids
         return {k: v for k, v in self.__dict__.items() if k not in self._TRANSIENT}
 
     def __setstate__(self, state):
-        self.__dict__.update(state, _client=None, _runs={}, _done=set(), _started={}, _tracking={}, _reopened=set())
+        self.__dict__.update(state, _client=None, _runs={}, _done=set(), _started={}, _tracking={}, _reopened=set(),
+                             _params_logged=set())
 
     def _timed(self, trial, fn, *args) -> None:
         """``fn(*args)``, its seconds added to the trial's tracking time."""
@@ -199,7 +217,11 @@ class TrialLedger(tune.Callback):
         metrics = {k: v for k, v in result.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in _TUNE_NOISE}
         tags = {f"kt.{k}": str(v) for k, v in (result.get("kt_tags") or {}).items()}
-        self._timed(trial, self.runs.log, run_id, metrics, step, tags)
+        params = None
+        if result.get("kt_execution") and trial.trial_id not in self._params_logged:  # where distillation ran
+            params = {"distill.execution_used": result["kt_execution"]}
+            self._params_logged.add(trial.trial_id)
+        self._timed(trial, self.runs.log, run_id, metrics, step, tags, params)
 
     def _backfill(self, run_id: str, earlier: dict[str, list[float]]) -> None:
         """Log ``kt_earlier`` (per-epoch ``loss``/``val_top1`` lists: from a resumed Ray Train run's checkpoint

@@ -21,7 +21,8 @@ from typing import Any
 
 from orchestrator.cache import Cache, write_atomic
 from orchestrator.config import ConfigError, PipelineConfig, config_hash, load_task_yaml, resolve_config
-from orchestrator.sweeps.space import SearchSpace, apply_overrides, base_tree, check_values, describe, load_space
+from orchestrator.sweeps.space import (SearchSpace, apply_overrides, base_tree, check_trial_budget, check_values,
+                                       describe, load_space)
 from orchestrator.storage import join
 from orchestrator.sweeps.trial import SweepContext
 
@@ -135,13 +136,15 @@ def sweep(space: str | Path | dict, task: str | Path | dict, overrides: list[str
     search-space file (``--space-set search.num_trials=3``).
 
     Raises:
-        ConfigError: bad space/task, a sweep of that name exists without ``resume`` (or is missing with it),
-            or the space/task changed since the sweep started.
+        ConfigError: bad space/task, a space with fewer distinct configurations than ``search.num_trials``, a
+            sweep of that name exists without ``resume`` (or is missing with it), or the space/task changed since
+            the sweep started.
     """
     from orchestrator.tracking import Tracker, default_tracking_uri
 
     sp = load_space(space, space_overrides)
     src = str(space) if not isinstance(space, dict) else "(python dict)"
+    check_trial_budget(sp, src)  # N trials run N distinct configurations: a smaller space is refused here
     task_tree = _task_tree(task, overrides, smoke)
     cfg0 = PipelineConfig.model_validate(task_tree)
     base = base_tree(task_tree, sp)
@@ -168,7 +171,7 @@ def sweep(space: str | Path | dict, task: str | Path | dict, overrides: list[str
             tracker.artifact(sweep_dir / "space.json")
         write_atomic(state_file, json.dumps({"name": name, "spec": spec, "parent_run_id": parent,
                                              "tracking_uri": uri, "experiment": cfg0.tracking.experiment,
-                                             "status": "running"}, indent=1))
+                                             "experiment_id": tracker.experiment_id, "status": "running"}, indent=1))
         sctx = prepare(name, sp, base, tracker, sweep_dir)
         write_atomic(sweep_dir / "transfer_sets.json", json.dumps(sctx.transfer_sets, indent=1, default=str))
         from orchestrator.ray_adapters.tune import TrialLedger, run_tune
@@ -197,6 +200,17 @@ def _check_state(state_file: Path, name: str, spec: str, resume: bool) -> dict:
     if resume:
         raise ConfigError(f"no sweep {name!r} to resume under {state_file.parent.parent}; drop --resume to start it")
     return {}
+
+
+def sweep_state(sweep_dir: Path) -> dict:
+    """A sweep's ``sweep.json`` (name, parent run, tracking URI, experiment, status), with its MLflow experiment's
+    id (read from the store for a sweep started before the id was recorded there; None where unreadable)."""
+    state = json.loads((Path(sweep_dir) / "sweep.json").read_text())
+    if not state.get("experiment_id"):
+        from orchestrator.tracking import run_experiment_id
+
+        state["experiment_id"] = run_experiment_id(state["tracking_uri"], state["parent_run_id"])
+    return state
 
 
 def load_rows(sweep_dir: Path) -> list[dict]:

@@ -15,6 +15,8 @@ distinct transfer set is labeled by the teacher once, before the trials start.
 """
 from __future__ import annotations
 
+import functools
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -80,6 +82,15 @@ class Dim(Strict):
         if self.loguniform is not None:
             return trial.suggest_float(key, *self.loguniform, log=True)
         return trial.suggest_int(key, *self.int_, step=self.step or 1, log=self.log)
+
+    def size(self) -> float:
+        """How many distinct values Optuna can draw: the distinct choices, the integers in range (with
+        ``step``), ``math.inf`` for a continuous dimension."""
+        if self.choice is not None:
+            return len(dict.fromkeys(self.names()))
+        if self.int_ is not None:
+            return (self.int_[1] - self.int_[0]) // (self.step or 1) + 1
+        return math.inf
 
     def extremes(self) -> list:
         """Values to dry-run at validation: every choice, or both bounds."""
@@ -172,6 +183,27 @@ class SearchSpace(Strict):
         out.update({k: self.space[k].value(v) for k, v in labels.items() if k in self.space})
         return out
 
+    def distinct_configs(self) -> float:
+        """How many distinct label dicts :meth:`suggest` can draw (``when`` conditions applied), ``math.inf``
+        with an active continuous dimension. Branches only on the labels a later condition refers to."""
+        keys = list(self.space)
+        referenced = [{r for k in keys[i:] for r in (self.space[k].when or {})} for i in range(len(keys) + 1)]
+
+        @functools.lru_cache(maxsize=None)
+        def count(i: int, state: tuple) -> float:
+            if i == len(keys):
+                return 1
+            key, dim, labels = keys[i], self.space[keys[i]], dict(state)
+            if not self.active(key, labels):
+                return count(i + 1, state)
+            if key not in referenced[i + 1]:
+                return dim.size() * count(i + 1, state)
+            keep = referenced[i + 1]
+            return sum(count(i + 1, tuple(sorted((k, v) for k, v in {**labels, key: label}.items() if k in keep)))
+                       for label in dict.fromkeys(dim.names()))
+
+        return count(0, ())
+
     def transfer_set_variants(self) -> list[dict[str, Any]]:
         """Every combination of transfer-set labels a trial can draw (``when`` conditions applied; a condition
         on a non-transfer-set key may hold or not, so both branches are kept). Deduplicated."""
@@ -260,6 +292,18 @@ def validate_keys(space: SearchSpace, source: str) -> None:
         raise ConfigError(f"invalid search space {source}:\n  " + "\n  ".join(errors))
 
 
+def check_trial_budget(space: SearchSpace, source: str) -> None:
+    """A sweep runs ``search.num_trials`` distinct configurations: raise ConfigError, before anything runs,
+    when the space holds fewer."""
+    n = space.distinct_configs()
+    if space.search.num_trials > n:
+        raise ConfigError(
+            f"search space {source}: search.num_trials={space.search.num_trials}, but the space holds only {n:g} "
+            f"distinct configuration{'s' if n != 1 else ''}, and no trial repeats another's; lower "
+            f"search.num_trials (--space-set search.num_trials={n:g}) or widen the space (more choices, wider "
+            "int ranges, or a uniform/loguniform dimension)")
+
+
 def trial_configs(space: SearchSpace, base: dict) -> list[tuple[str, dict]]:
     """Dry-run configs for validation: for each dimension and each of its choices (or bounds), the base
     task with ``fixed``, that value, and the conditions it needs. Returns (what, tree) pairs."""
@@ -334,4 +378,4 @@ def describe(labels: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in labels.items())
 
 
-__all__ = ["Dim", "SearchSpace", "load_space", "check_values", "base_tree", "describe"]
+__all__ = ["Dim", "SearchSpace", "load_space", "check_values", "check_trial_budget", "base_tree", "describe"]

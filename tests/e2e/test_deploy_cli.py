@@ -1,11 +1,11 @@
 """From a finished `kt run` to a served student, through the CLI: kt export, kt register (Model Registry version
-with lineage tags), kt predict (run dir and models:/ URI), and `mlflow models serve` answering a REST request on
-real Fashion-MNIST images with the same classes. The server is stopped through its own process group."""
+with lineage tags), kt predict (run dir and models:/ URI), and `mlflow models serve`, run as `kt register`
+printed it without the virtualenv on PATH, answering a REST request on real Fashion-MNIST images with the same
+classes. The server is stopped through its own process group."""
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -18,16 +18,19 @@ from tests.conftest import free_port, run_kt
 pytestmark = pytest.mark.e2e
 
 
-def _serve(model_uri: str, tracking_uri: str, log_file: Path) -> tuple[subprocess.Popen, str]:
-    """`mlflow models serve` on 127.0.0.1 in a new session (its own process group); waits for /ping."""
+def _serve(printed: str, log_file: Path) -> tuple[subprocess.Popen, str]:
+    """The `mlflow models serve` line `kt register` printed, run as printed by a shell whose PATH does not hold
+    the virtualenv (not activated), on a free port, in a new session (its own process group); waits for /ping."""
     port = free_port()
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    line = printed.split("serve it:", 1)[1].strip()
+    assert line.endswith(" -p 5001"), line
+    bare = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "MLFLOW_TRACKING_URI")}
+    bare["PATH"] = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
+                                   if d and not Path(d, "mlflow").exists() and not Path(d, "uvicorn").exists())
+    assert subprocess.run(["bash", "-c", "command -v uvicorn mlflow"], env=bare).returncode != 0  # not on PATH
     log = open(log_file, "w")
-    proc = subprocess.Popen([str(mlflow_bin), "models", "serve", "-m", model_uri, "--env-manager", "local",
-                             "-h", "127.0.0.1", "-p", str(port)],
-                            env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,  # it execs uvicorn from PATH
-                                 "PATH": f"{mlflow_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"},
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(["bash", "-c", line[:-len("5001")] + str(port)], env=bare, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -80,6 +83,7 @@ def test_run_student_exported_registered_predicted_and_served(smoke_run, tmp_pat
     r = run_kt("register", str(run_dir), "--name", "fmnist-smoke-student")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "as models:/fmnist-smoke-student/1" in r.stdout and "mlflow models serve -m models:/" in r.stdout
+    [serve_line] = [line for line in r.stdout.splitlines() if "serve it:" in line]
     tags = client.get_model_version("fmnist-smoke-student", "1").tags
     for key in ("kt.teacher", "kt.adapted_teacher.key", "kt.transfer_set.key", "kt.teacher_outputs.key"):
         assert tags[key], key
@@ -103,7 +107,7 @@ def test_run_student_exported_registered_predicted_and_served(smoke_run, tmp_pat
         assert "skipped" in r.stderr and "zz_corrupt.png" in r.stderr and "24 images classified" in r.stdout
         assert [line.split(",")[1] for line in csv.read_text().splitlines()[1:]] == expected
 
-    proc, url = _serve("models:/fmnist-smoke-student/1", uri, tmp_path / "serve.log")
+    proc, url = _serve(serve_line, tmp_path / "serve.log")
     try:
         body = json.dumps({"inputs": images.tolist()}).encode()
         req = urllib.request.Request(f"{url}/invocations", body, {"Content-Type": "application/json"})

@@ -17,3 +17,15 @@ def test_sweep_bad_space_fails_fast(tmp_path):
     r = run_kt("sweep", str(space), "--task", str(TASK), "--smoke", "--storage", str(tmp_path), timeout=120)
     assert r.returncode == 2 and "space.distill.temprature: not a config key" in r.stderr.replace("\n", " ")
     assert not (tmp_path / "sweeps").exists()
+
+
+
+def test_sweep_of_more_trials_than_the_space_holds_fails_fast(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"name": "small", "search": {"num_trials": 5},
+                                     "space": {"distill.feature_weight": {"choice": [0.0, 0.5]},
+                                               "distill.epochs": {"int": [1, 2]}}}))
+    r = run_kt("sweep", str(space), "--task", str(TASK), "--smoke", "--storage", str(tmp_path), timeout=120)
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 2 and "search.num_trials=5, but the space holds only 4 distinct configurations" in err
+    assert "--space-set search.num_trials=4" in err and not (tmp_path / "sweeps").exists()

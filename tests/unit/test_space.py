@@ -134,6 +134,7 @@ def test_every_shipped_spaces_search_algorithm_pickles_and_still_suggests():
     NSGA-II sampler holds a lock that made the multi-objective demo sweep fail in ``tune.Tuner``."""
     from ray import cloudpickle
 
+    from orchestrator.ray_adapters.samplers import DistinctConfigs
     from orchestrator.ray_adapters.tune import _searcher
 
     kinds = set()
@@ -148,4 +149,7 @@ def test_every_shipped_spaces_search_algorithm_pickles_and_still_suggests():
             if sp.multi_objective:
                 result[sp.objective.compute] = 1e6
             alg.on_trial_complete(f"t{i}", result)
+            alg = cloudpickle.loads(cloudpickle.dumps(alg))  # mid-sweep too (Tune's experiment state)
+        guard = alg.searcher  # ConcurrencyLimiter -> DistinctConfigs (no repeated configuration) -> OptunaSearch
+        assert isinstance(guard, DistinctConfigs) and sorted(guard.seen.values()) == ["t0", "t1", "t2"], path
     assert kinds == {True, False}  # both samplers (TPE, NSGA-II) were exercised
