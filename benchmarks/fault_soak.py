@@ -1,22 +1,25 @@
-"""Fault-injection soak: SIGKILL a sweep, a run, a Ray Train worker and a worker node at points spread over
+"""Fault-injection soak: SIGKILL a sweep, a run, a trial's process and a worker node at points spread over
 their lives, resume, and check that nothing was lost or done twice.
 
 Phases (each on the smoke profile, real Fashion-MNIST, the ImageNet EfficientNet-Lite0 teacher):
 
 1. **Sweep** (`kt sweep`, 3 trials one at a time, on a local `ray start` cluster this script owns): the driver
    is SIGKILLed while the teacher is adapted (the prepare step), during teacher inference, mid-distillation of
-   trial 1, during its finetune, the instant its commit (``final.json``) appears (its result half-recorded:
-   the point that once made a resumed sweep train a finished trial again), between trials; and one Ray Train
-   worker process is SIGKILLed mid-epoch. Each kill is followed by ``kt sweep --resume``.
+   trial 1 (in process: the demo's one CPU worker runs in the trial's own process), during its finetune, the
+   instant its commit (``final.json``) appears (its result half-recorded: the point that once made a resumed
+   sweep train a finished trial again), between trials; and the last trial's own process is SIGKILLed
+   mid-epoch (Tune retries the trial). Each kill is followed by ``kt sweep --resume``.
    Invariants: every trial finished exactly once (``attempts.log``: one ``finished``, no ``start`` after it), a
    trial killed mid-way resumed from its checkpoint, one MLflow child run per trial (all FINISHED), the parent
    FINISHED, CSV rows = trials, no cache entry without its ``_COMPLETE`` marker.
-2. **Run** (`kt run`): killed during teacher adaptation, teacher inference, distillation, finetune/baseline
+2. **Run** (`kt run`): killed during teacher adaptation, teacher inference, distillation (in process),
+   finetune/baseline
    and export, re-run after each. Invariants: the last run finishes with its result and student, it resumed
    distillation from a checkpoint, the teacher's outputs were made once, no half-written cache entry.
 3. **Worker node** (``ray.cluster_utils.Cluster``: a head and two worker nodes, each with its own local cache
-   mirror over one ``file://`` storage URI): a 2-trial sweep whose trials and teacher inference (2 Ray Data
-   actors) run on both workers; one worker node is removed once both trials have checkpointed. Invariants: both
+   mirror over one ``file://`` storage URI): a 2-trial sweep whose trials (each on a Ray Train worker group of
+   one, ``distill.execution: worker_group``) and teacher inference (2 Ray Data actors) run on both workers; one
+   worker node is removed once both trials have checkpointed. Invariants: both
    trials finish exactly once, the lost one resumed from its checkpoint on the other node.
 
 A kill point that the process passed before the watcher saw it is reported as missed (and not counted as a
@@ -241,8 +244,9 @@ def phase_sweep(work: Path, cluster: RayCluster) -> None:
     points = [
         ("sweep: prepare, adapting the teacher", globbed(cache, "adapted_teacher/.tmp-*"), 0.5),
         ("sweep: prepare, teacher inference", globbed(cache, "teacher_outputs/.tmp-*"), 0.0),
-        ("sweep: trial 1 mid-distillation", globbed(train, "*/checkpoint_*"), 0.0),
-        ("sweep: trial 1 finetune (after its last epoch)", lambda: "distill epoch 3/3" in segment(log), 2.5),
+        ("sweep: trial 1 mid-distillation (in the trial's process)", globbed(train, "*/kt_state.pt"), 0.0),
+        ("sweep: trial 1 finetune (in the trial's process, after its last epoch)",
+         lambda: "distill epoch 3/3" in segment(log), 2.5),
         ("sweep: trial 1 recording its result (final.json, no row)", globbed(trials, "*/final.json"), 0.0),
         ("sweep: between trials (trial 2's row written)", globbed(trials, "*/row.json", 2), 0.0),
     ]
@@ -253,23 +257,21 @@ def phase_sweep(work: Path, cluster: RayCluster) -> None:
         if kill_when(p, point, ready, delay) and "mid-distillation" in point:
             mid.update(d.name for d in running())
         resume = resume or (storage / "sweeps" / name / "sweep.json").is_file()
-    p = kt(args + ["--resume"], log, env)  # the last trial: a Ray Train worker dies mid-epoch
-    def third() -> bool:  # the last trial running its third epoch: epoch 1's checkpoint is registered (a kill
-        # inside a report, as soon as its checkpoint files appear, may lose that epoch: Ray Train resumes from the
-        # last checkpoint it registered)
+    p = kt(args + ["--resume"], log, env)  # the last trial: its own process dies mid-epoch (Tune retries it)
+    def third() -> bool:  # the last trial running its third epoch: epoch 2's state is persisted
         return len(list(trials.glob("*/row.json"))) == 2 and len(running()) == 1 and "distill epoch 2/3" in segment(log)
 
     deadline = time.time() + 900
     while time.time() < deadline and p.poll() is None and not third():
         time.sleep(0.05)
-    workers = cluster.pids("RayTrainWorker")
-    if workers and p.poll() is None:
-        os.kill(workers[0], signal.SIGKILL)
-        KILLS.append("sweep: a Ray Train worker mid-epoch (trial 3)")
+    actors = cluster.pids("ImplicitFunc") or cluster.pids("trial_trainable")  # Tune's function-trial actor
+    if actors and p.poll() is None:
+        os.kill(actors[0], signal.SIGKILL)
+        KILLS.append("sweep: an in-process trial's own process mid-epoch (trial 3)")
         mid.update(d.name for d in running())
-        say(f"killed Ray Train worker {workers[0]} of trial {running()[0].name}")
+        say(f"killed trial process {actors[0]} of trial {running()[0].name}")
     else:
-        say("missed kill point: Ray Train worker (none found)")
+        say("missed kill point: trial process (none found)")
     wait(p, "the resumed sweep")
     sweep_invariants(storage, name, 3, mid)
 
@@ -283,7 +285,7 @@ def phase_run(work: Path, cluster: RayCluster) -> None:
     points = [
         ("run: adapting the teacher", globbed(cache, "adapted_teacher/.tmp-*"), 0.5),
         ("run: teacher inference", globbed(cache, "teacher_outputs/.tmp-*"), 0.0),
-        ("run: mid-distillation", globbed(results, "distill-*/checkpoint_*"), 0.0),
+        ("run: mid-distillation (in process)", globbed(results, "distill-*/kt_state.pt"), 0.0),
         ("run: finetune / supervised baseline", lambda: "distill epoch 4/4" in segment(log), 4.0),
         ("run: exporting the student", globbed(storage, "runs/*/student"), 0.0),  # no run got this far before
     ]
@@ -326,6 +328,7 @@ def phase_node(work: Path) -> None:
     space = sweep_space(name, 2, 2, 10)  # both trials the same student: they run side by side, in step
     space["fixed"]["student"] = space["space"].pop("student")["choice"]["r10t_w8"]
     space["resources"]["cpus_per_worker"] = 1.4
+    space["fixed"]["distill.execution"] = "worker_group"  # a node's loss takes Ray Train workers with it
 
     def run():
         try:
@@ -338,9 +341,14 @@ def phase_node(work: Path) -> None:
     th.start()
     train = remote / "sweeps" / name / "train"
     deadline = time.time() + 900
-    def both() -> bool:  # each trial (one per worker node) past its second checkpoint: its first is registered
-        dirs = [d for d in train.iterdir() if d.is_dir()] if train.is_dir() else []
-        return len(dirs) == 2 and all(len(list(d.glob("checkpoint_*"))) >= 2 for d in dirs)
+    def both() -> bool:  # each trial (one per worker node) past its second epoch's checkpoint
+        import torch
+
+        states = list(train.glob("*/kt_state.pt")) if train.is_dir() else []
+        try:
+            return len(states) == 2 and all(torch.load(f, weights_only=False)["epoch"] >= 1 for f in states)
+        except (OSError, RuntimeError, EOFError):  # replaced while read
+            return False
 
     while time.time() < deadline and th.is_alive() and not both():
         time.sleep(0.1)

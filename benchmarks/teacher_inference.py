@@ -1,6 +1,7 @@
 """Teacher-inference throughput: Ray Data actor pool against a plain PyTorch loop, same model, same images,
 measured in the same run. Prints images/s of each, the actor pool's start-up (a 1,024-image pass) and the rate
-beyond it, and the ratio.
+beyond it, the break-even pass size in TFLOPs (where ``teacher.inference: auto`` switches from the driver to
+the actor pool: ``teacher.inference_in_process_max_tflops``), and the ratio.
 
     python benchmarks/teacher_inference.py [--images 20000] [--actors 2] [--teacher checkpoint/<path>]
 
@@ -31,6 +32,8 @@ def main() -> None:
     from orchestrator.models import Preprocess, load_teacher, save_model_checkpoint
     from orchestrator.ray_adapters.data import teacher_inference
     from orchestrator.ray_adapters.session import ensure_ray
+    from orchestrator.models.teachers import load_model_checkpoint
+    from orchestrator.stages.compute import forward_flops
     from orchestrator.stages.teacher_outputs import teacher_logits
 
     images = load_task_data(DatasetConfig()).train.images[: args.images]  # (N, 28, 28, 1) uint8, real images
@@ -68,6 +71,17 @@ def main() -> None:
     rate = (n - 1024) / max(1e-9, ray_s - small)
     print(f"Ray Data on 1,024 images: {small:.2f} s (the actor pool's start-up, paid by every pass); beyond it "
           f"{rate:.0f} images/s = {rate / (n / plain):.2f}x the plain loop's rate")
+    tm = load_model_checkpoint(ckpt)
+    fwd = forward_flops(tm, (tm.preprocess.channels, *tm.preprocess.size))  # FLOPs per image
+    plain_rate = n * fwd / plain  # FLOP/s of the driver's loop
+    speedup = rate / (n / plain)
+    if speedup > 1:  # the pass size (FLOPs) at which start-up + work at the pool's rate = work at the plain rate
+        even = small * plain_rate / (1 - 1 / speedup)
+        print(f"break-even: a pass of {even / 1e12:.2f} TFLOPs ({even / plain_rate:.0f} s of the plain loop; "
+              f"teacher {fwd / 1e6:.1f} MFLOPs per image, plain loop {plain_rate / 1e9:.1f} GFLOP/s): "
+              "teacher.inference_in_process_max_tflops")
+    else:
+        print(f"break-even: none on this node (beyond its start-up the pool is {speedup:.2f}x the plain loop)")
     print(f"ratio Ray Data / plain loop throughput: {plain / ray_s:.2f}x")
 
 

@@ -9,8 +9,9 @@ the driver's ledger adds when Tune started the trial and how long its MLflow wri
 * actor start: Tune started the trial -> its function runs (a new Ray worker process, imports);
 * data load: the task's images and split in the trial;
 * set-up: the trial's config, the student's FLOP count;
-* worker group: the distill stage's wall time less its steps (Ray Train controller and worker start-up,
-  per-epoch reports and checkpoints, shutdown);
+* distill set-up: the distill stage's wall time less its steps (in process, the default for the demo's one CPU
+  worker: the student, the data and per-epoch validation, reports and checkpoints; on a worker group, also Ray
+  Train's controller and worker start-up and shutdown). ``--execution worker_group`` measures the latter;
 * distillation steps, finetune (training on the labels), evaluation (validation and test), saving the student;
 * tracking: the driver's MLflow writes for the trial; result: the trial's end -> Tune's completion callback.
 
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PARTS = (("actor start", "time_actor_start_s"), ("data load", "time_data_s"), ("set-up", "time_setup_s"),
-         ("worker group", "time_worker_group_s"), ("distillation steps", "time_distill_steps_s"),
+         ("distill set-up", "time_worker_group_s"), ("distillation steps", "time_distill_steps_s"),
          ("finetune", "time_finetune_s"), ("evaluation", "time_evaluate_s"), ("save student", "time_save_s"),
          ("result", "time_result_s"), ("tracking (driver)", "time_tracking_s"))
 TRAINING = ("time_distill_steps_s", "time_finetune_s")
@@ -62,6 +63,8 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--images", type=int, default=None, help="transfer-set size [quick.yaml's]")
+    ap.add_argument("--execution", default="auto", choices=["auto", "in_process", "worker_group"],
+                    help="where each trial's distillation runs [auto: in the trial's process for one CPU worker]")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("alembic", "mlflow", "urllib3", "filelock", "timm", "matplotlib", "faiss"):
@@ -70,6 +73,7 @@ def main() -> None:
 
     overrides = [f"storage={args.storage}", "teacher.adapt=linear_probe", "tracking.experiment=trial_overhead"]
     sp = space(args)
+    sp["fixed"]["distill.execution"] = args.execution
     t0 = time.perf_counter()
     res = orchestrator.sweep(sp, args.task, overrides, name=sp["name"])
     wall = time.perf_counter() - t0
@@ -78,7 +82,8 @@ def main() -> None:
         raise SystemExit(f"no trial completed: {[r.get('error') for r in res.rows]}")
     n_images = sp["fixed"]["transfer_set.max_images"]
     print(f"\n{len(rows)} demo trials ({args.epochs} distillation epochs on {n_images} images, "
-          f"2 side by side), sweep wall {wall:.0f} s including its prepare step")
+          f"2 side by side, distillation {'/'.join(sorted({str(r.get('execution')) for r in rows}))}), "
+          f"sweep wall {wall:.0f} s including its prepare step")
     print(f"{'part':<20} " + " ".join(f"{r['trial_id'][-5:]:>8}" for r in rows) + f" {'mean':>8}")
     for name, key in PARTS:
         vals = [float(r.get(key) or 0.0) for r in rows]

@@ -62,9 +62,10 @@ ROW_METRICS = ("val_top1", "test_top1", "student_flops", "device_seconds", "trai
 def trial_row(trial_id: str, status: str, result: dict, params: dict, error: str | None = None) -> dict:
     """A trial's row in the sweep's ledger (``trials/<id>/row.json``, the CSV, `kt report`): its status
     (completed/stopped/error), the metrics of ``result`` (a Tune report: :data:`ROW_METRICS`, ``time_*`` parts),
-    the drawn ``params``, its tags and the error line."""
+    where its distillation ran (``execution``), the drawn ``params``, its tags and the error line."""
     tags = result.get("kt_tags") or {}
-    return {"trial_id": trial_id, "status": status, **{k: result.get(k) for k in ROW_METRICS}, "params": params,
+    return {"trial_id": trial_id, "status": status, **{k: result.get(k) for k in ROW_METRICS},
+            "execution": result.get("kt_execution"), "params": params,
             "tags": tags, "reused_from": tags.get("reused_from"), "error": error,
             **{k: v for k, v in result.items() if k.startswith("time_")}}
 

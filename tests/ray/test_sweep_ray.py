@@ -98,7 +98,9 @@ def test_killed_sweep_resumed_ends_every_trial_exactly_once(result, killed, stor
     for r in timed:  # each trial's parts (benchmarks/trial_overhead.py) add up within its wall time
         parts = [r[k] for k in ("time_actor_start_s", "time_data_s", "time_setup_s", "time_worker_group_s",
                                 "time_distill_steps_s", "time_finetune_s", "time_evaluate_s", "time_save_s")]
-        assert min(parts) >= 0 and r["time_distill_steps_s"] > 0 and r["time_worker_group_s"] > 0, r
+        # (the distill set-up can be 0: a trial resumed after its last epoch counts the killed attempt's steps)
+        assert min(parts) >= 0 and r["time_distill_steps_s"] > 0, r
+        assert r["execution"] == "in_process", r  # one CPU worker: distillation in the trial's own process
         assert sum(parts) <= r["time_trial_s"] and r["time_tracking_s"] > 0, r
     rep = run_kt("report", "tiny3", "--storage", str(storage), timeout=120)
     assert rep.returncode == 0 and "best configuration per compute budget" in rep.stdout, rep.stderr[-2000:]
