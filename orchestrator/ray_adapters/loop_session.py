@@ -82,12 +82,13 @@ def load_from(location: str, read: Callable[[Path], object]):
 class LoopSession:
     """What a training loop asks of the place it runs in: rank, world size, device, its checkpoint, reports.
 
-    Built inside the loop from its config's ``kt_state`` (:func:`state_location`) and, in a Tune trial, the
-    ``report`` callable; otherwise it uses Ray Train's context (a worker group or local mode).
+    Built inside the loop from the config :func:`run_loop` gives it (``kt_state``: :func:`state_location`;
+    ``kt_mode``: ``"in_process"`` or ``"worker_group"``) and, in a Tune trial, the ``report`` callable;
+    otherwise it uses Ray Train's context (a worker group, or local mode).
     """
 
-    def __init__(self, location: str, report: Callable[[dict], None] | None = None):
-        self.location = location
+    def __init__(self, config: dict, report: Callable[[dict], None] | None = None):
+        self.location, self.mode = config["kt_state"], config.get("kt_mode", "worker_group")
         self._report = report
         if report is None:  # a Ray Train worker, or Ray Train's local mode
             import ray.train
@@ -96,7 +97,6 @@ class LoopSession:
             self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         else:
             self.rank, self.world = 0, 1
-        self.mode = "worker_group" if report is None and self.world > 1 else "in_process"
 
     def device(self, use_gpu: bool):
         """The training device: the worker's GPU in a worker group, the driver's first GPU in process (CPU
@@ -105,7 +105,7 @@ class LoopSession:
 
         if not use_gpu:
             return torch.device("cpu")
-        if self._report is None and self.world > 1:
+        if self.mode == "worker_group":
             import ray.train.torch
 
             return ray.train.torch.get_device()
@@ -142,7 +142,7 @@ def run_loop(train_fn: Callable[..., None], config: dict, *, name: str, storage_
     """
     mode = resolve_execution(execution, num_workers, use_gpu)
     location = state_location(storage_path, name)
-    config = {**config, "kt_state": location}
+    config = {**config, "kt_state": location, "kt_mode": mode}
     log.info("%s: %s", name, "in process" if mode == "in_process" else f"a Ray Train worker group of {num_workers}")
     if mode == "in_process" and report is not None:
         train_fn(config, report)

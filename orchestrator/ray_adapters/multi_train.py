@@ -45,7 +45,7 @@ def _train_fn(config: dict, report: Callable[[dict], None] | None = None) -> Non
     from orchestrator.stages.schedule import distill_plan
     from orchestrator.stages.multi_distill import MultiSourceStudent, make_optimizer, multi_distill_epoch, new_log
 
-    session = LoopSession(config["kt_state"], report)
+    session = LoopSession(config, report)
     if session.mode == "worker_group":
         quiet_train_worker()
     rank, world = session.rank, session.world

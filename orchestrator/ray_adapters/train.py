@@ -35,7 +35,7 @@ def _train_fn(config: dict, report: Callable[[dict], None] | None = None) -> Non
     from orchestrator.stages.evaluate import evaluate
     from orchestrator.stages.schedule import distill_plan
 
-    session = LoopSession(config["kt_state"], report)
+    session = LoopSession(config, report)
     if session.mode == "worker_group":
         quiet_train_worker()
     rank, world = session.rank, session.world
@@ -99,7 +99,7 @@ def ray_ddp(model):
 
 
 def _where(session: LoopSession) -> str:
-    return "in process" if session.mode == "in_process" else f"{session.world} Ray Train workers"
+    return "in process" if session.mode == "in_process" else f"a Ray Train worker group of {session.world}"
 
 
 def resolve_ref(ref) -> Path:
