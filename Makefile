@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TASK ?= tasks/fashion_mnist.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup data demo demo-run demo-retrieval demo-font-digits test bench recipe soak clean-cache
+.PHONY: setup data demo demo-run demo-retrieval demo-font-digits test bench recipe soak clean-cache autoscale
 
 $(BIN)/kt: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -54,6 +54,12 @@ recipe: setup
 # SIGKILL a sweep, a run, a Ray Train worker and a worker node at 13 points, resume, check the invariants
 soak: setup
 	$(BIN)/python benchmarks/fault_soak.py
+
+# the autoscaler reads cluster.yaml: Ray's fake multi-node provider with cluster.yaml's node types, a 1-CPU head,
+# a sweep through `kt submit` whose Train workers only fit on added worker nodes, idle nodes removed (about 2-4 min;
+# not in `make test`; the same as a test: KT_AUTOSCALE=1 pytest tests/e2e/test_autoscaler.py)
+autoscale: setup
+	$(BIN)/python benchmarks/autoscale.py
 
 bench: setup
 	$(BIN)/python benchmarks/teacher_inference.py

@@ -46,6 +46,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.session_procs import session_pids  # noqa: E402
 TASK = ROOT / "tasks" / "fashion_mnist.yaml"
 PY = sys.executable
 KILLS: list[str] = []  # the kill points that landed
@@ -92,16 +93,7 @@ class RayCluster:
 
     def pids(self, title: str) -> list[int]:
         """The processes of this cluster (its session) whose command line contains ``title``."""
-        out = []
-        for d in Path("/proc").iterdir():
-            if not d.name.isdigit():
-                continue
-            try:
-                if os.getsid(int(d.name)) == self.p.pid and title in (d / "cmdline").read_bytes().decode(errors="replace"):
-                    out.append(int(d.name))
-            except (OSError, ProcessLookupError):
-                continue
-        return out
+        return session_pids(self.p.pid, title)
 
     def stop(self) -> None:
         if self.p.poll() is None:

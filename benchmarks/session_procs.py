@@ -1,0 +1,22 @@
+"""The processes of one process session (a `ray start --head --block` started with ``start_new_session``): what
+the benchmarks that own a Ray cluster stop or kill, and nothing else on the machine."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def session_pids(sid: int, title: str | None = None) -> list[int]:
+    """PIDs of the processes in session ``sid`` (read from /proc), those whose command line contains ``title``
+    when given."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if os.getsid(int(d.name)) == sid and (
+                    title is None or title in (d / "cmdline").read_bytes().decode(errors="replace")):
+                out.append(int(d.name))
+        except (OSError, ProcessLookupError):
+            continue
+    return out
