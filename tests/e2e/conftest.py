@@ -14,8 +14,8 @@ def _join_the_session_ray(ray_cluster):
 
 @pytest.fixture(scope="session")
 def smoke_runs(tmp_path_factory, fmnist):
-    """Two `kt run --smoke` started at the same instant on one storage, each with a local Ray of its own (beside
-    the session's: three Rays on this machine), as two users of one machine run them: the Fashion-MNIST task,
+    """Two `kt run --smoke` started at the same instant on one storage, each starting a local Ray of its own
+    where it needs one (beside the session's), as two users of one machine run them: the Fashion-MNIST task,
     and its retrieval variant over a small mixed pool (400 images, one corrupt; same teacher and labels, so both
     need the same adapted teacher). Returns (storage directory, pool directory, [smoke, retrieval]
     CompletedProcess)."""
