@@ -119,9 +119,11 @@ class TeacherConfig(Strict):
     inference: Literal["auto", "ray_data", "in_process"] = Field(
         "auto", description="how a frozen model (the teacher, a source model) runs over a transfer set: an actor "
         "pool of Ray Data, or in the driver's process; auto: in the driver when the pass is at most "
-        "inference_in_process_max_tflops (an actor pool's start-up, ~13 s on 2 CPU cores, then exceeds the work)")
+        "inference_in_process_max_tflops (the pool's start-up, 7.5-9.3 s on 2 CPU cores, then exceeds the work)")
     inference_in_process_max_tflops: float = Field(
-        0.1, ge=0, description="auto: largest pass (images x forward FLOPs, in 1e12 FLOPs) run in the driver")
+        4.0, ge=0, description="auto: largest pass (images x forward FLOPs, in 1e12 FLOPs) run in the driver: the "
+        "measured break-even of a 2-actor pool against the driver on one 2-core node, 3.9 TFLOPs (51 s of the "
+        "driver's loop; in 2 of 3 runs the pool never caught up on one node): benchmarks/teacher_inference.py")
     inference_gpus: float | None = Field(
         None, ge=0, description="GPUs per teacher-inference / pool-embedding actor [1 if the driver sees a GPU, "
         "else 0]; set 1 on a cluster whose head has no GPU (cluster.yaml) so the actors go to GPU workers")

@@ -33,8 +33,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         root.setLevel(level)
         root.handlers[:] = handlers
         logging.getLogger("ray").setLevel(logging.WARNING)
-    if not sys.stdout.isatty():
-        plain_worker_log_lines()
+    readable_worker_lines(plain=not sys.stdout.isatty())
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
     if not ctx.enable_progress_bars:  # off on purpose in a log file: no "Progress bars disabled" warning
@@ -43,15 +42,27 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     log.info("%s; resources: %s", where, ray.cluster_resources())
 
 
-def plain_worker_log_lines() -> None:
-    """Worker lines that Ray prints on this driver without ANSI colour codes (stdout is a log file, not a
-    terminal): no colour around the ``(pid=...)`` prefix (``RAY_COLOR_PREFIX=0``, read per line) and none around
-    the ``[repeated Nx across cluster]`` suffix of de-duplicated lines, which Ray colours unconditionally
-    (``ray._private.ray_logging._color``)."""
+#: The application's own lines in Ray workers' output: kt's progress lines and its loggers' records.
+OWN_LINES = r"\[kt\] |INFO orchestrator\.|WARNING orchestrator\.|ERROR orchestrator\."
+
+
+def readable_worker_lines(plain: bool) -> None:
+    """How this driver prints its Ray workers' lines. kt's own lines (:data:`OWN_LINES`) are printed every time:
+    Ray de-duplicates lines that look alike across processes (numbers ignored), so two trials' ``distill epoch
+    3/6`` lines became one with ``[repeated 2x across cluster]`` and a hint about ``RAY_DEDUP_LOGS``; Ray's own
+    repeated lines stay de-duplicated. With ``plain`` (stdout is a log file, not a terminal) no ANSI colour
+    codes: none around the ``(pid=...)`` prefix (``RAY_COLOR_PREFIX=0``, read per line) and none around the
+    ``[repeated Nx ...]`` suffix, which Ray colours unconditionally (``ray._private.ray_logging._color``)."""
+    import re
+
     from ray._private import ray_logging
 
-    os.environ["RAY_COLOR_PREFIX"] = "0"
-    ray_logging._color = lambda msg: msg
+    own = re.compile(OWN_LINES)
+    for dedup in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
+        dedup.allow_re = own
+    if plain:
+        os.environ["RAY_COLOR_PREFIX"] = "0"
+        ray_logging._color = lambda msg: msg
 
 
 _GCS_PORT = "RAY_GCS_SERVER_PORT"  # read by Ray when it starts a head node
