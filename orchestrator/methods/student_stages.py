@@ -74,7 +74,8 @@ def stage_distill(ctx: Ctx, outputs: Path, name: str = "distill", record_as: str
                 teacher_checkpoint={**ctx.cache_ref(ctx.adapted.parent), "file": ctx.adapted.name} if online else None,
                 callbacks=hooks.get("callbacks"), report=hooks.get("report"),
                 extra_metrics={**(hooks.get("extra_metrics") or {}), "kt_execution": mode},
-                augment=cfg.data.augment_policy().model_dump(mode="json"), execution=mode)
+                augment=cfg.data.augment_policy().model_dump(mode="json"), execution=mode,
+                label=f"trial {hooks['run_name']}" if hooks.get("run_name") else None)
         student = create_student(cfg.student.id, task.num_classes, pre, cfg.student.model_kwargs)
         student.load_state_dict(student_state(state))
         per_img = train_flops(student, (pre.channels, *pre.size))

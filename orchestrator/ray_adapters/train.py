@@ -61,13 +61,14 @@ def _train_fn(config: dict, report: Callable[[dict], None] | None = None) -> Non
     plan = distill_plan(len(data.images), cfg, world)  # the budget's steps, reporting epochs and LR schedule
     opt, sched = make_optimizer(model, cfg, len(data.images), world)
     start, log = session.restore(lambda p: load_state(p, model, opt, sched)) or (0, new_log())
+    kt = f"[kt] {config['label']}: " if config.get("label") else "[kt] "  # a sweep's trials print side by side
     if start and rank == 0:
-        say(f"[kt] resumed distillation from its checkpoint at epoch {start}/{plan.epochs}")
+        say(f"{kt}resumed distillation from its checkpoint at epoch {start}/{plan.epochs}")
     log["starts"].append(start)
     ddp = ray_ddp(model) if world > 1 else model
     hooks = config.get("epoch_hooks") or []
     if rank == 0 and start == 0:
-        say(f"[kt] distillation ({_where(session)}): {plan.describe()}")
+        say(f"{kt}distillation ({_where(session)}): {plan.describe()}")
     for epoch in range(start, plan.epochs):
         t0 = time.perf_counter()
         loss = distill_epoch(ddp, opt, sched, data, pre, cfg, epoch, config["seed"], rank, world, device, augment)
@@ -85,7 +86,7 @@ def _train_fn(config: dict, report: Callable[[dict], None] | None = None) -> Non
             metrics["kt_earlier"] = {k: log[k][:epoch] for k in EPOCH_HISTORY if k in log}  # missed them
         if rank == 0:
             shown = f", val top-1 {metrics['val_top1']:.4f}" if val is not None else ""
-            say(f"[kt] distill epoch {epoch + 1}/{plan.epochs}: loss {loss:.4f}{shown} ({seconds:.0f} s)")
+            say(f"{kt}distill epoch {epoch + 1}/{plan.epochs}: loss {loss:.4f}{shown} ({seconds:.0f} s)")
         session.report(metrics, lambda p: save_state(p, model, opt, sched, epoch, log))
         for hook in hooks:  # after the epoch's checkpoint (e.g. a test's fault injection)
             hook(epoch, rank)
@@ -136,7 +137,8 @@ def distill_ray(data, student: str, model_kwargs: dict, num_classes: int, prepro
                 distill: dict, seed: int, storage_path: Path, name: str, num_workers: int, use_gpu: bool,
                 cpus_per_worker: float = 1.0, epoch_hooks: list | None = None, teacher_checkpoint: str | None = None,
                 callbacks: list | None = None, extra_metrics: dict | None = None, augment: dict | None = None,
-                report: Callable[[dict], None] | None = None, execution: str | None = None):
+                report: Callable[[dict], None] | None = None, execution: str | None = None,
+                label: str | None = None):
     """Distill in process or with a TorchTrainer of ``num_workers`` workers
     (:func:`orchestrator.ray_adapters.loop_session.resolve_execution` of ``execution``, default
     ``distill["execution"]``).
@@ -154,6 +156,7 @@ def distill_ray(data, student: str, model_kwargs: dict, num_classes: int, prepro
             loaded by every worker in online mode.
         callbacks: Ray Train callbacks of a worker group, e.g. Tune's TuneReportCallback inside a sweep trial.
         report: inside a Ray Tune trial, ``ray.tune.report``: an in-process loop reports to it directly.
+        label: what the loop's progress lines start with (``trial <id>`` in a sweep), or None.
         extra_metrics: constants added to every epoch's report (e.g. the student's FLOPs for a sweep).
         augment: the task's augmentation, ``cfg.data.augment_policy().model_dump(mode="json")`` (used when
             ``distill.augment``); None: the label-preserving default (shift only, no flip).
@@ -174,7 +177,8 @@ def distill_ray(data, student: str, model_kwargs: dict, num_classes: int, prepro
     config = dict(data=data if isinstance(data, dict) else str(data), student=student, model_kwargs=model_kwargs,
                   num_classes=num_classes, preprocess=preprocess, distill=distill, seed=seed,
                   threads_per_worker=max(1, int(cpus_per_worker)), epoch_hooks=epoch_hooks or [],
-                  teacher_checkpoint=teacher_checkpoint, extra_metrics=extra_metrics or {}, augment=augment)
+                  teacher_checkpoint=teacher_checkpoint, extra_metrics=extra_metrics or {}, augment=augment,
+                  label=label)
     (model, tlog), mode = run_loop(
         _train_fn, config, name=name, storage_path=storage_path,
         execution=execution or distill.get("execution", "auto"), num_workers=num_workers, use_gpu=use_gpu,
