@@ -19,7 +19,7 @@ StorageOpt = typer.Option(None, "--storage", help="storage root for cache, runs 
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
-    for noisy in ("alembic", "mlflow", "urllib3", "filelock", "timm", "matplotlib"):
+    for noisy in ("alembic", "mlflow", "urllib3", "filelock", "timm", "matplotlib", "faiss"):  # faiss: CPU probing
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
