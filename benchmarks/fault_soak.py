@@ -219,7 +219,7 @@ def sweep_invariants(storage: Path, name: str, trials: int, killed_mid_distill: 
 
 
 def phase_sweep(work: Path, cluster: RayCluster) -> None:
-    say("phase 1: sweep killed at 6 points, and a Ray Train worker killed mid-epoch")
+    say("phase 1: sweep killed at 6 points, and an in-process trial's own process killed mid-epoch")
     storage, name, log = work / "sweep", "soak", work / "sweep.log"
     space = work / "space.yaml"
     import yaml
