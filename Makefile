@@ -51,7 +51,7 @@ test: setup
 recipe: setup
 	$(BIN)/python benchmarks/recipe_matrix.py
 
-# SIGKILL a sweep, a run, a Ray Train worker and a worker node at 13 points, resume, check the invariants
+# SIGKILL a sweep, a run, an in-process trial and a worker node at 13 points, resume, check the invariants
 soak: setup
 	$(BIN)/python benchmarks/fault_soak.py
 

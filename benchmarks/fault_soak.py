@@ -25,7 +25,7 @@ Phases (each on the smoke profile, real Fashion-MNIST, the ImageNet EfficientNet
 A kill point that the process passed before the watcher saw it is reported as missed (and not counted as a
 kill). The last line: ``N kills, M invariant violations``.
 
-    python benchmarks/fault_soak.py            # about 15 minutes on a 2-core CPU machine (make soak)
+    python benchmarks/fault_soak.py            # about 5 minutes on a 2-core CPU machine (make soak)
     python benchmarks/fault_soak.py --phases sweep
 """
 from __future__ import annotations
