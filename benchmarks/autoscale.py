@@ -39,7 +39,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -52,7 +51,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.session_procs import session_pids  # noqa: E402
+from benchmarks.session_procs import stop_session  # noqa: E402
 PY = sys.executable
 TASK = ROOT / "tasks" / "fashion_mnist.yaml"
 HEAD_TYPE = "ray.head.default"  # the fake provider tags its head with this type name
@@ -220,26 +219,8 @@ class FakeCluster:
     def monitor_log(self) -> Path:
         return self.temp / "session_latest" / "logs" / "monitor.log"
 
-    def session_pids(self) -> list[int]:
-        return session_pids(self.p.pid)
-
     def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
-            try:
-                self.p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-        for pid in self.session_pids():  # then whatever of its session is left (Ray workers have process
-            try:  # groups of their own, so killpg alone would miss them)
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            os.killpg(self.p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.p.wait()
+        stop_session(self.p)
         shutil.rmtree(self.temp, ignore_errors=True)
 
 

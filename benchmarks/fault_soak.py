@@ -46,7 +46,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.session_procs import session_pids  # noqa: E402
+from benchmarks.session_procs import session_pids, stop_session  # noqa: E402
 TASK = ROOT / "tasks" / "fashion_mnist.yaml"
 PY = sys.executable
 KILLS: list[str] = []  # the kill points that landed
@@ -96,17 +96,7 @@ class RayCluster:
         return session_pids(self.p.pid, title)
 
     def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGTERM)
-            try:
-                self.p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.p.wait()
+        stop_session(self.p)
 
 
 def kt(args: list[str], log: Path, env: dict) -> subprocess.Popen:
