@@ -143,7 +143,9 @@ def run_loop(train_fn: Callable[..., None], config: dict, *, name: str, storage_
     mode = resolve_execution(execution, num_workers, use_gpu)
     location = state_location(storage_path, name)
     config = {**config, "kt_state": location, "kt_mode": mode}
-    log.info("%s: %s", name, "in process" if mode == "in_process" else f"a Ray Train worker group of {num_workers}")
+    where = ("in the trial's process" if report is not None else "in this process (Ray Train's local mode)"
+             ) if mode == "in_process" else f"on a Ray Train worker group of {num_workers}"
+    log.info("training run %s: %s", name, where)
     if mode == "in_process" and report is not None:
         train_fn(config, report)
     elif mode == "in_process":
