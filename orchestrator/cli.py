@@ -26,9 +26,8 @@ def run(task: Path = typer.Argument(..., help="task YAML, e.g. tasks/fashion_mni
     except _user_errors() as e:
         _fail(e)
     from orchestrator.report import print_run
-    from orchestrator.tracking import run_experiment_id
 
-    print_run(result, run_experiment_id(result.tracking_uri, result.run_id))  # its link: the run's page
+    print_run(result, result.experiment_id)  # its link: the run's page
 
 
 @app.command()

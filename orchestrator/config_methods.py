@@ -83,6 +83,8 @@ class SourceDistillConfig(BudgetConfig):
 
     @model_validator(mode="after")
     def _execution(self):
+        if self.backend == "local":  # the older spelling of in-process: one place resolves it
+            self.execution = "in_process"
         check_execution(self)
         return self
 

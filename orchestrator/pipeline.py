@@ -79,7 +79,8 @@ def run(config: PipelineConfig) -> RunResult:
             parent.info.run_id), "tracking_uri": uri, "keys": ctx.keys,
             "student": {"files": [p.name for p in files], "model_uri": model_uri}}, indent=1))
         tracker.artifact(run_dir / "result.json")
-        return RunResult(parent.info.run_id, uri, run_dir, ctx.table, ctx.metrics, ctx.stages)
+        return RunResult(parent.info.run_id, uri, run_dir, ctx.table, ctx.metrics, ctx.stages,
+                         parent.info.experiment_id)
 
 
 def run_method(ctx: Ctx):

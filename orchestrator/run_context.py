@@ -28,6 +28,7 @@ class RunResult:
     table: list[dict]
     metrics: dict[str, float]
     stages: dict[str, dict] = field(default_factory=dict)
+    experiment_id: str | None = None  # the MLflow experiment of ``run_id`` (its printed link)
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Ctx:
     task: TaskData | None = None
     split: Split | None = None
     stages: dict[str, dict] = field(default_factory=dict)
+    experiment_id: str | None = None  # the MLflow experiment of ``run_id`` (its printed link)
     metrics: dict[str, float] = field(default_factory=dict)
     table: list[dict] = field(default_factory=list)
     teacher_flops: int = 0  # adapted teacher's forward FLOPs per image

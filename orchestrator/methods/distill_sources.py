@@ -69,8 +69,7 @@ def stage_multi_distill(ctx, weights: dict[str, float], entries: dict):
     content = {"sources": {n: ctx.keys[f"source_signals/{n}"] for n in names},
                "weights": {n: round(weights[n], 8) for n in names}}
     n_img = len(np.load(entries[names[0]] / "images.npy", mmap_mode="r"))
-    mode = resolve_execution("in_process" if s.distill.backend == "local" else s.distill.execution,
-                             s.distill.num_workers, s.distill.use_gpu)
+    mode = resolve_execution(s.distill.execution, s.distill.num_workers, s.distill.use_gpu)
     world = 1 if mode == "in_process" else s.distill.num_workers
     ctx.tracker.params({"multi_distill.execution_used": mode})
     out: dict = {}

@@ -79,7 +79,7 @@ def multi_distill_ray(sources: list[dict], labeled: dict | None, student: str, m
                       name: str, cpus_per_worker: float = 1.0, report: Callable[[dict], None] | None = None):
     """Multi-source distillation, in process or with a TorchTrainer of ``sources_cfg["distill"]["num_workers"]``
     workers (:func:`orchestrator.ray_adapters.loop_session.resolve_execution` of ``distill.execution``;
-    ``distill.backend: local`` is ``execution: in_process``).
+    the config resolves ``distill.backend: local`` to ``execution: in_process``).
 
     Args:
         sources: ``[{"name", "weight", "entry"}]``, ``entry`` a cache reference ``{"storage", "kind", "key"}``
@@ -101,8 +101,8 @@ def multi_distill_ray(sources: list[dict], labeled: dict | None, student: str, m
     config = dict(sources=sources, labeled=labeled, student=student, model_kwargs=model_kwargs,
                   num_classes=num_classes, preprocess=preprocess, sources_cfg=sources_cfg, seed=seed,
                   threads_per_worker=max(1, int(cpus_per_worker)))
-    execution = "in_process" if d.get("backend") == "local" else d.get("execution", "auto")
-    (model, tlog), mode = run_loop(_train_fn, config, name=name, storage_path=storage_path, execution=execution,
+    (model, tlog), mode = run_loop(_train_fn, config, name=name, storage_path=storage_path,
+                                   execution=d.get("execution", "auto"),
                                    num_workers=d["num_workers"], use_gpu=d["use_gpu"],
                                    cpus_per_worker=cpus_per_worker, report=report, read=read_state)
     return model, {**tlog, "execution": mode}
