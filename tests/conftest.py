@@ -27,10 +27,13 @@ def fmnist():
 @pytest.fixture(scope="session")
 def tiny_teacher_ckpt(tmp_path_factory, fmnist):
     """A tiny timm teacher adapted by linear probe on 100 real labeled images, saved as kt-model/1."""
+    import torch
+
     from orchestrator.config import TeacherConfig
     from orchestrator.models import Preprocess, load_teacher, save_model_checkpoint
     from orchestrator.stages.adapt_teacher import adapt_teacher
 
+    torch.manual_seed(0)  # a random-init network: unseeded, some images get all-zero (post-ReLU) features
     t = load_teacher("timm/resnet18", TINY_RESNET)
     t.preprocess = Preprocess(3, (16, 16), (0.3, 0.3, 0.3), (0.35, 0.35, 0.35))
     labeled = fmnist.train.subset(np.arange(100))
