@@ -127,6 +127,14 @@ class Cache:
         self.misses[kind] = self.misses.get(kind, 0) + 1
         return None
 
+    def location(self, kind: str, key: str) -> str | None:
+        """Where a complete entry is read from without mirroring it (entries that stream, such as image shards):
+        its remote URI with remote storage, its local directory otherwise; None when it is not complete. Not
+        counted as a hit or a miss."""
+        if self.remote is not None:
+            return self.remote_path(kind, key) if self._remote_complete(kind, key) else None
+        return str(self.path(kind, key)) if (self.path(kind, key) / COMPLETE).is_file() else None
+
     def _present(self, kind: str, key: str) -> bool:
         """Whether the entry is complete here, after downloading it when it is complete remotely (not counted)."""
         return (self.path(kind, key) / COMPLETE).is_file() or (self.remote is not None and self._fetch(kind, key))

@@ -42,6 +42,12 @@ class DatasetConfig(Strict):
     test_size: int | None = Field(None, gt=0, description="mnist_csv: test hold-out size [1000]")
     augment: AugmentPolicy = Field(default_factory=AugmentPolicy, description="the task's augmentation, used by "
                                    "every stage that augments (ignored for a transfer-set pool)")
+    in_memory_max_mb: float = Field(512.0, ge=0, description="image_folder: a split whose decoded images take at "
+                                    "most this many MiB is decoded into memory once; a larger one streams from its "
+                                    "image shards (0: always stream)")
+    ingest: Literal["auto", "in_process", "ray_data"] = Field(
+        "auto", description="image_folder: who checks and decodes the files on first use (auto: Ray Data from "
+        "20,000 files on, else this process)")
 
     def augment_policy(self) -> AugmentPolicy:
         """The task's augmentation with its data-kind defaults applied (``hflip`` decided)."""

@@ -49,8 +49,9 @@ def _teacher_seed(cfg: PipelineConfig) -> dict:
 
 _INFERENCE = ("teacher.inference_batch_size", "teacher.inference_actors", "teacher.inference_gpus", "teacher.seed",
               "teacher.inference", "teacher.inference_in_process_max_tflops")  # how it runs, not what it computes
+_READ = ("data.in_memory_max_mb", "data.ingest")  # how the images are read, not which
 STAGES: dict[str, Stage] = {s.name: s for s in [
-    Stage("data", ("data", "labels")),
+    Stage("data", ("data", "labels"), (), None, _READ),
     Stage("teacher", ("teacher.id", "teacher.model_kwargs")),
     Stage("adapted_teacher", ("teacher",), ("teacher", "data"), "adapted_teacher", _INFERENCE, _teacher_seed),
     Stage("transfer_set", ("transfer_set",), ("data",)),  # content: the images (pool sources: their manifest)
@@ -71,7 +72,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("pretrained_finetune", ("pretrained_init.finetune", "seed"), ("pretrained_student",)),
     # paper 2 (Borup et al., ICCV 2023): per-source stages get the source (id, kwargs, file) as content
     Stage("source_model", (), (), "source_model"),
-    Stage("source_signals", ("sources.probe_c", "data"), ("data", "transfer_set"), "source_signals"),  # + test
+    Stage("source_signals", ("sources.probe_c", "data"), ("data", "transfer_set"), "source_signals", _READ),  # + test
     Stage("source_score", (), (), "source_score"),  # content: the signals entry's key and the metric
     Stage("multi_distill", ("student", "sources.distill", "sources.kd_weight", "sources.feature_weight",
                             "sources.ce_weight", "sources.temperature", "seed"), ("data", "transfer_set"), None,

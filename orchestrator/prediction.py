@@ -103,10 +103,10 @@ def read_image(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
     DataError for an unreadable or corrupt file."""
     from PIL import Image
 
-    from orchestrator.data.loaders import _decode
+    from orchestrator.data.decode import decode_image
 
     h, w, c = shape
-    arr = _decode(path, c, None)  # (h0, w0, c) uint8
+    arr = decode_image(path, c, None)  # (h0, w0, c) uint8
     if arr.shape[:2] != (h, w):
         im = Image.fromarray(arr[..., 0] if c == 1 else arr).resize((w, h), Image.BILINEAR)
         arr = np.asarray(im, np.uint8).reshape(h, w, c)

@@ -13,6 +13,8 @@ TASK = ROOT / "tasks" / "fashion_mnist.yaml"
 TINY_RESNET = {"channels": [8, 16, 32, 64], "stem_width": 8}
 
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+# ImageFolder tasks loaded without a storage cache their image shards here (not in ~/.cache/kt)
+os.environ.setdefault("KT_IMAGE_STORE", __import__("tempfile").mkdtemp(prefix="kt-image-store-"))
 
 
 @pytest.fixture(scope="session")

@@ -71,3 +71,47 @@ def mixed_pool_images(target: np.ndarray, n_other: int, seed: int = 0) -> tuple[
     keys = [f"target-{i}" for i in range(len(target))] + [f"other-{i}" for i in range(n_other)]
     order = rng.permutation(len(images))
     return images[order], [keys[i] for i in order]
+
+
+MODES = ("jpeg", "png_gray", "palette", "rgba", "png16", "webp")
+
+
+def write_mixed_image_folder(root: Path, images: np.ndarray, labels: np.ndarray, classes: list[str],
+                             test_every: int = 4, seed: int = 0) -> dict[str, int]:
+    """A user's RGB ImageFolder from real grayscale images ((N, H, W, 1) uint8): each image coloured, upscaled to a
+    seeded size of 60-180 px and saved in a mode of :data:`MODES` in turn (JPEG, grayscale PNG, palette PNG, RGBA
+    PNG with transparency, 16-bit PNG, WebP); every ``test_every``-th image goes to test/; beside every fifth
+    image a hidden macOS ``._`` copy (not an image). Returns {"train", "test", "hidden"} counts."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    counts = {"train": 0, "test": 0, "hidden": 0}
+    for i, (img, y) in enumerate(zip(images, labels)):
+        split = "test" if i % test_every == 0 else "train"
+        d = root / split / classes[int(y)]
+        d.mkdir(parents=True, exist_ok=True)
+        side = int(rng.integers(60, 181))
+        g = Image.fromarray(img[..., 0]).resize((side, side), Image.BILINEAR)
+        tint = rng.uniform(0.4, 1.0, 3)
+        rgb = Image.fromarray((np.asarray(g)[..., None] * tint).astype(np.uint8), "RGB")
+        mode = MODES[i % len(MODES)]
+        name = d / f"img{i:04d}"
+        if mode == "jpeg":
+            rgb.save(name.with_suffix(".jpg"), quality=90)
+        elif mode == "png_gray":
+            g.save(name.with_suffix(".png"))
+        elif mode == "palette":
+            rgb.convert("P", palette=Image.ADAPTIVE, colors=64).save(name.with_suffix(".png"))
+        elif mode == "rgba":
+            a = rgb.convert("RGBA")
+            a.putalpha(Image.fromarray(np.where(np.asarray(g) > 20, 255, 0).astype(np.uint8)))
+            a.save(name.with_suffix(".png"))
+        elif mode == "png16":
+            Image.fromarray(np.asarray(g).astype(np.uint16) * 257).save(name.with_suffix(".png"))
+        else:
+            rgb.save(name.with_suffix(".webp"), quality=90)
+        counts[split] += 1
+        if i % 5 == 0:
+            (d / f"._img{i:04d}.jpg").write_bytes(b"\x00\x05\x16\x07 macOS AppleDouble")
+            counts["hidden"] += 1
+    return counts

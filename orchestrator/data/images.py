@@ -1,4 +1,5 @@
-"""In-memory image sets: uint8 arrays with labels, the unit every stage takes and returns."""
+"""Image sets: uint8 images (an array in memory, or a lazy view over image shards) with labels, the unit every
+stage takes and returns."""
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +13,8 @@ class ImageSet:
     """Images with optional labels.
 
     Attributes:
-        images: (N, H, W, C) uint8, C in {1, 3}.
+        images: (N, H, W, C) uint8, C in {1, 3}: an array, or a lazy
+            :class:`~orchestrator.data.shards.ShardedImages` (indexing a batch decodes it; see that module).
         labels: (N,) int64 class indices, or None for unlabeled images.
     """
 
@@ -20,10 +22,20 @@ class ImageSet:
     labels: np.ndarray | None = None
 
     def __post_init__(self):
+        if self.lazy:
+            return self._check_labels()
         if self.images.ndim == 3:
             self.images = self.images[..., None]  # (N, H, W) -> (N, H, W, 1)
         if self.images.ndim != 4 or self.images.dtype != np.uint8:
             raise ValueError(f"images must be (N, H, W, C) uint8, got {self.images.shape} {self.images.dtype}")
+        self._check_labels()
+
+    @property
+    def lazy(self) -> bool:
+        """Whether the images are a lazy view over image shards (not an array)."""
+        return not isinstance(self.images, np.ndarray)
+
+    def _check_labels(self) -> None:
         if self.labels is not None:
             self.labels = np.asarray(self.labels, dtype=np.int64)
             if len(self.labels) != len(self.images):
@@ -33,11 +45,18 @@ class ImageSet:
         return len(self.images)
 
     def subset(self, idx: np.ndarray) -> "ImageSet":
-        """The images (and labels) at ``idx`` ((M,) int64)."""
-        return ImageSet(self.images[idx], None if self.labels is None else self.labels[idx])
+        """The images (and labels) at ``idx`` ((M,) int64); a lazy set's subset is a lazy view."""
+        images = self.images.view(idx) if self.lazy else self.images[idx]
+        return ImageSet(images, None if self.labels is None else self.labels[idx])
 
     def content_hash(self) -> str:
-        """16-hex-digit SHA-256 over shape, pixels and labels: the cache key of this set's content."""
+        """16-hex-digit SHA-256 over shape, pixels and labels: the cache key of this set's content (a lazy set:
+        over its image shards' key and rows, without decoding)."""
+        if self.lazy:
+            h = hashlib.sha256(self.images.content_hash().encode())
+            if self.labels is not None:
+                h.update(self.labels.tobytes())
+            return h.hexdigest()[:16]
         h = hashlib.sha256(str(self.images.shape).encode())
         h.update(np.ascontiguousarray(self.images).data)
         if self.labels is not None:
@@ -58,6 +77,14 @@ class TaskData:
         return len(self.classes)
 
     def pixel_stats(self) -> tuple[list[float], list[float]]:
-        """Per-channel mean and std of the train images, on the [0, 1] scale."""
-        x = self.train.images[:10_000].astype(np.float32) / 255.0  # (n, H, W, C) float32
-        return x.mean(axis=(0, 1, 2)).tolist(), (x.std(axis=(0, 1, 2)) + 1e-6).tolist()
+        """Per-channel mean and std of the first 10,000 train images, on the [0, 1] scale (a lazy set: decoded
+        and accumulated batch by batch)."""
+        if not self.train.lazy:
+            x = self.train.images[:10_000].astype(np.float32) / 255.0  # (n, H, W, C) float32
+            return x.mean(axis=(0, 1, 2)).tolist(), (x.std(axis=(0, 1, 2)) + 1e-6).tolist()
+        s = s2 = n = 0.0
+        for b in self.train.images.view(slice(0, 10_000)).iter_batches(1000):
+            x = b.astype(np.float64) / 255.0  # (b, H, W, C) float64
+            s, s2, n = s + x.sum(axis=(0, 1, 2)), s2 + (x * x).sum(axis=(0, 1, 2)), n + x[..., 0].size
+        mean = s / n
+        return mean.tolist(), (np.sqrt(np.maximum(s2 / n - mean * mean, 0)) + 1e-6).tolist()

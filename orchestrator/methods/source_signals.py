@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from orchestrator.config import ConfigError, PipelineConfig
+from orchestrator.data.shards import save_images
 from orchestrator.graph import run_stage
 from orchestrator.methods.common import frozen_model_outputs, inference_actors
 from orchestrator.stages.compute import StageCompute
@@ -220,7 +221,7 @@ def stage_source_signals(ctx, info: SourceInfo, ts) -> Path:
         np.save(tmp / "labeled_logits.npy", zl.astype(np.float32))
         np.save(tmp / "features.npy", ft.astype(np.float16))
         np.save(tmp / "pseudo.npy", log_proba(ft))
-        np.save(tmp / "images.npy", ts.images)
+        save_images(tmp, ts.images)
         np.savez(tmp / "probe.npz", mean=mean, std=std, coef=clf.coef_, intercept=clf.intercept_,
                  classes=clf.classes_)
         c.images = len(labeled) + len(ts)  # the test pass is evaluation (probe_test_top1), not transfer compute

@@ -6,9 +6,8 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
-
 from orchestrator.config import PipelineConfig, TrainConfig
+from orchestrator.data.shards import open_images
 from orchestrator.graph import run_stage
 from orchestrator.methods.common import params
 from orchestrator.run_context import Ctx
@@ -53,7 +52,7 @@ def stage_distill(ctx: Ctx, outputs: Path, name: str = "distill", record_as: str
     # workers on any node find the teacher outputs in the shared cache; the few labeled images travel inline
     data = {**ctx.cache_ref(outputs), "labeled": {"images": labeled.images, "labels": labeled.labels},
             "val": {"images": val.images, "labels": val.labels} if val is not None else None}
-    n = len(np.load(outputs / "images.npy", mmap_mode="r"))
+    n = len(open_images(outputs))
     mode = resolve_execution(cfg.distill.execution, cfg.distill.num_workers, cfg.distill.use_gpu)
     world = 1 if mode == "in_process" else cfg.distill.num_workers
     online = cfg.distill.teacher_outputs == "online"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from orchestrator.data.shards import save_images
 from orchestrator.graph import run_stage
 from orchestrator.methods.base import Method, MethodResult, register
 from orchestrator.methods.common import (frozen_model_outputs, inference_actors, stage_teacher, stage_transfer_set,
@@ -47,7 +48,7 @@ def stage_teacher_features(ctx, ts, frozen: Path) -> Path:
         logits, feats = frozen_model_outputs(ctx, frozen, ts.images, tmp / "shards", cfg.teacher.inference_batch_size,
                                              actors, "frozen teacher features")
         c.images, c.flops = len(ts), ctx.teacher_flops * len(ts)
-        np.save(tmp / "images.npy", ts.images)
+        save_images(tmp, ts.images)
         np.save(tmp / "logits.npy", logits)  # zeros: never read by the feature-only loss
         np.save(tmp / "features.npy", feats)
         return {"transfer_set": ts.description}

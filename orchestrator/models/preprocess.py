@@ -38,7 +38,7 @@ class Preprocess:
         Returns:
             (B, channels, *size) float32, normalised.
         """
-        x = torch.from_numpy(np.array(images)) if isinstance(images, np.ndarray) else images
+        x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images))  # (B, H, W, C) uint8
         x = x.permute(0, 3, 1, 2).float().div_(255.0)  # (B, C, H, W) float32 in [0, 1]
         return self.from_unit(x)
 

@@ -27,7 +27,8 @@ def images_dataset(images: np.ndarray, blocks: int):
 
 def teacher_inference(checkpoint: str, images: np.ndarray, out_dir: Path, batch_size: int = 512,
                       actors: int = 2, gpus_per_actor: float = 0.0, features: bool = False):
-    """Run the adapted teacher over ``images`` ((N, H, W, C) uint8) with a Ray Data actor pool.
+    """Run the adapted teacher over ``images`` ((N, H, W, C) uint8: an array, or a lazy view over image shards
+    that the actors read from the storage) with a Ray Data actor pool.
 
     Each of ``actors`` actors loads the checkpoint once (1 CPU and ``gpus_per_actor`` GPUs each) and maps
     batches of ``batch_size``. Results stream back to the driver, which writes them to ``out_dir`` as parquet
@@ -39,9 +40,13 @@ def teacher_inference(checkpoint: str, images: np.ndarray, out_dir: Path, batch_
     from orchestrator.stages.teacher_outputs import TeacherPredictor, write_outputs
 
     ensure_ray()
-    ds = images_dataset(images, blocks=max(actors * 4, len(images) // 4096))
+    blocks = max(actors * 4, len(images) // 4096)
+    lazy = not isinstance(images, np.ndarray)  # image shards: each actor reads and decodes its own batches
+    ds = ray.data.range(len(images), override_num_blocks=blocks).rename_columns({"id": "index"}) if lazy \
+        else images_dataset(images, blocks)
     out = ds.map_batches(
-        TeacherPredictor, fn_constructor_kwargs={"checkpoint": checkpoint, "num_threads": 1, "features": features},
+        TeacherPredictor, fn_constructor_kwargs={"checkpoint": checkpoint, "num_threads": 1, "features": features,
+                                                 "images": images if lazy else None},
         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=batch_size, batch_format="numpy",
         num_cpus=1, num_gpus=gpus_per_actor)
     return write_outputs(out.iter_batches(batch_size=None, batch_format="numpy"), out_dir, len(images), features)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
-
 from typing import Callable
 
+from orchestrator.data.shards import open_images
 from orchestrator.ray_adapters.loop_session import LoopSession, run_loop
 from orchestrator.ray_adapters.session import quiet_train_worker, say
 from orchestrator.ray_adapters.train import ray_ddp, resolve_ref  # the same cache references
@@ -30,7 +30,7 @@ def load_data(config: dict):
     targets = [SourceTargets(s["name"], float(s["weight"]), np.load(d / "pseudo.npy", mmap_mode="r"),
                              np.load(d / "features.npy", mmap_mode="r")) for s, d in zip(config["sources"], dirs)]
     lab = config["labeled"]
-    return MultiDistillData(np.load(dirs[0] / "images.npy", mmap_mode="r"), targets,
+    return MultiDistillData(open_images(dirs[0]), targets,
                             ImageSet(lab["images"], lab["labels"]) if lab else None)
 
 

@@ -27,6 +27,7 @@ def _train_fn(config: dict, report: Callable[[dict], None] | None = None) -> Non
     import torch
 
     from orchestrator.config import AugmentPolicy, DistillConfig
+    from orchestrator.data.shards import open_images
     from orchestrator.models.preprocess import Preprocess
     from orchestrator.models.students import create_student
     from orchestrator.stages.distill import (DistillData, distill_epoch, load_state, make_optimizer, new_log,
@@ -47,7 +48,7 @@ def _train_fn(config: dict, report: Callable[[dict], None] | None = None) -> Non
     d, lab, val = _inputs(config["data"])
     online = cfg.teacher_outputs == "online"
     use_feat = cfg.feature_weight > 0
-    data = DistillData(np.load(d / "images.npy", mmap_mode="r"),
+    data = DistillData(open_images(d),
                        None if online else np.load(d / "logits.npy", mmap_mode="r"), lab,
                        online_teacher(resolve_ref(config["teacher_checkpoint"]), device) if online else None,
                        np.load(d / "features.npy", mmap_mode="r") if use_feat and not online else None)

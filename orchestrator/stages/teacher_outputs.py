@@ -23,10 +23,12 @@ class TeacherPredictor:
         checkpoint: path of a ``kt-model/1`` file with a task head (written after adaptation).
         device: "cuda" when a GPU is visible to this worker, else "cpu".
         num_threads: torch intra-op threads for this worker (CPU).
+        images: a lazy :class:`~orchestrator.data.shards.ShardedImages`: batches may then carry only ``index``
+            and each actor reads and decodes its batch from the image shards.
     """
 
     def __init__(self, checkpoint: str, device: str | None = None, num_threads: int | None = None,
-                 features: bool = False):
+                 features: bool = False, images=None):
         from orchestrator.models.teachers import load_model_checkpoint
 
         if num_threads:
@@ -34,6 +36,7 @@ class TeacherPredictor:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.teacher = prepare_model(load_model_checkpoint(checkpoint), self.device).eval()  # channels-last on CUDA
         self.features = features
+        self.images = images
 
     @torch.no_grad()  # not inference_mode: online distillation uses the outputs as targets in a graph
     def outputs(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,7 +47,8 @@ class TeacherPredictor:
             return self.teacher.head(f).float(), f
 
     def __call__(self, batch: dict) -> dict:
-        logits, f = self.outputs(batch["image"])
+        images = batch["image"] if "image" in batch else self.images[np.asarray(batch["index"], np.int64)]
+        logits, f = self.outputs(images)
         out = {"index": np.asarray(batch["index"], np.int64), "logits": logits.cpu().numpy()}  # (B, K) float32
         if self.features:
             out["features"] = f.half().cpu().numpy()  # (B, D) float16: targets of the feature loss

@@ -192,7 +192,7 @@ def load_icons(min_names: int = 12, sizes: tuple[int, ...] = ICON_SIZES,
     icon names (Debian Adwaita: actions, categories, devices, emblems, emotes, mimetypes, places, status, ui),
     every size in ``sizes``; group = (context, icon name). Unreadable files are skipped with a warning.
     Raises DataError when no icon theme has PNGs (Fix: apt-get install adwaita-icon-theme)."""
-    from orchestrator.data.loaders import _decode
+    from orchestrator.data.decode import decode_image
 
     found = find_icons(dirs, sizes)
     keep = sorted(c for c, fs in found.items() if len({_icon_base(f) for f in fs}) >= min_names)
@@ -203,7 +203,7 @@ def load_icons(min_names: int = 12, sizes: tuple[int, ...] = ICON_SIZES,
     for k, ctx in enumerate(keep):
         for f in found[ctx]:
             try:
-                images.append(_decode(f, 3, SIZE))
+                images.append(decode_image(f, 3, SIZE))
             except DataError as e:
                 log.warning("icons: skipping %s", e)
                 continue

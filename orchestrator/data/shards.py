@@ -1,0 +1,272 @@
+"""Encoded-image shards: the on-disk representation that streams.
+
+An image store is a directory (a local path or a storage URI: ``file://``, ``s3://``, ...) holding
+
+- ``shard-00000.tar``, ...: WebDataset-style tars of the images' encoded bytes as read (JPEG, PNG, WebP, ...),
+  one member ``<row>.<ext>`` per image, about ``shard_bytes`` each;
+- ``index.parquet``: one row per image, in row order: ``shard`` (int32), ``offset`` and ``length`` (int64, the
+  member's bytes inside its tar), ``label`` (int64, -1 when unknown), ``split`` (string), ``key`` (string: the
+  relative path it was read from), ``height``/``width`` (int32, after mode conversion, before resizing).
+
+:class:`ShardedImages` is a lazy (N, H, W, C) uint8 view over rows of a store: indexing a batch reads only those
+members (one ranged read each, straight from the storage URI: nothing is mirrored whole) and decodes them. A
+request whose decoded size is over the decode limit (``$KT_DECODE_LIMIT_BYTES``, default 1 GiB) returns another
+view instead, and turning such a view into an array raises :class:`MaterializationError`: no stage can hold a
+whole large set in one process by accident. :meth:`ShardedImages.materialize` is the deliberate exception (the
+size decision of a loader, for sets that fit comfortably in memory).
+
+Cost: one ``index.parquet`` of about 40 bytes per image is read by every process that opens the store (50 MB
+for 1.27 M images); images cost their encoded bytes on disk and one decode per use.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from orchestrator import storage as st
+from orchestrator.data.decode import decode_image
+
+INDEX = "index.parquet"
+DECODE_LIMIT_ENV = "KT_DECODE_LIMIT_BYTES"
+DEFAULT_DECODE_LIMIT = 1 << 30
+INDEX_COLUMNS = ("shard", "offset", "length", "label", "split", "key", "height", "width")
+
+
+class MaterializationError(RuntimeError):
+    """A whole large image set was about to be decoded into one array (see the module docstring)."""
+
+
+def decode_limit() -> int:
+    """The most bytes one request may decode into an array (``$KT_DECODE_LIMIT_BYTES``, default 1 GiB)."""
+    return int(os.environ.get(DECODE_LIMIT_ENV, DEFAULT_DECODE_LIMIT))
+
+
+class ShardWriter:
+    """Write images (encoded bytes, as read) into tar shards and an index, in any arrival order.
+
+    ``add(row, data, ...)`` appends one image; ``close()`` writes ``index.parquet`` sorted by row (rows must be
+    0..N-1, each once). The directory is normally a cache entry being built (written atomically by the cache).
+    """
+
+    def __init__(self, out_dir: Path, shard_bytes: int = 128 << 20):
+        self.out_dir, self.shard_bytes = Path(out_dir), shard_bytes
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.rows: list[tuple] = []
+        self._tar: tarfile.TarFile | None = None
+        self._shard, self._written = -1, 0
+
+    def _next_shard(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+        self._shard += 1
+        self._written = 0
+        self._tar = tarfile.open(self.out_dir / f"shard-{self._shard:05d}.tar", "w", format=tarfile.USTAR_FORMAT)
+
+    def add(self, row: int, data: bytes, label: int, split: str, key: str, height: int, width: int) -> None:
+        """Append image ``row``'s encoded ``data`` (bytes)."""
+        if self._tar is None or self._written >= self.shard_bytes:
+            self._next_shard()
+        info = tarfile.TarInfo(f"{row:09d}{Path(key).suffix.lower() or '.img'}")
+        info.size = len(data)
+        offset = self._tar.offset + len(info.tobuf(tarfile.USTAR_FORMAT))  # the member's bytes follow its header
+        self._tar.addfile(info, io.BytesIO(data))
+        self.rows.append((int(row), self._shard, offset, len(data), int(label), split, key,
+                          int(height), int(width)))
+        self._written += len(data) + 1024
+
+    def close(self) -> int:
+        """Finish the last shard and write the index. Returns the number of images. Raises ValueError when the
+        rows are not exactly 0..N-1."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if self._tar is not None:
+            self._tar.close()
+        self.rows.sort()
+        if [r[0] for r in self.rows] != list(range(len(self.rows))):
+            raise ValueError(f"shard rows are not 0..{len(self.rows) - 1}, each once")
+        cols = list(zip(*self.rows)) if self.rows else [[] for _ in range(9)]
+        types = (pa.int32(), pa.int64(), pa.int64(), pa.int64(), pa.string(), pa.string(), pa.int32(), pa.int32())
+        table = pa.table({n: pa.array(c, t) for n, c, t in zip(INDEX_COLUMNS, cols[1:], types)})
+        pq.write_table(table, self.out_dir / INDEX)
+        return len(self.rows)
+
+
+class ImageStore:
+    """An opened image store (see the module docstring): its index in memory, shard files opened on demand.
+
+    Attributes:
+        location: the store's directory, a local path or a storage URI (str).
+        shard, offset, length, label, height, width: (N,) index columns (int32/int64). split, key: (N,) object.
+    """
+
+    _open: dict[str, "ImageStore"] = {}  # per-process: every view of a store shares one index
+
+    def __init__(self, location: str | Path):
+        import pyarrow.parquet as pq
+
+        self.location = str(location)
+        self._fs = None
+        if st.is_uri(self.location):
+            self._fs, self._base = st.filesystem(self.location)
+            with self._fs.open_input_file(st.join(self._base, INDEX)) as f:
+                t = pq.read_table(f)
+        else:
+            self._base = self.location
+            t = pq.read_table(Path(self.location) / INDEX)
+        for c in INDEX_COLUMNS:
+            setattr(self, c, t.column(c).to_numpy(zero_copy_only=False))
+        self._files: dict[int, object] = {}
+
+    @classmethod
+    def open(cls, location: str | Path) -> "ImageStore":
+        """The store at ``location``, opened once per process."""
+        loc = str(location)
+        if loc not in cls._open:
+            cls._open[loc] = cls(loc)
+        return cls._open[loc]
+
+    def __len__(self) -> int:
+        return len(self.shard)
+
+    def _file(self, shard: int):
+        f = self._files.get(shard)
+        if f is None:
+            name = f"shard-{shard:05d}.tar"
+            f = (self._fs.open_input_file(st.join(self._base, name)) if self._fs is not None
+                 else open(Path(self._base) / name, "rb"))
+            if len(self._files) >= 64:  # bound the open handles
+                self._files.pop(next(iter(self._files))).close()
+            self._files[shard] = f
+        return f
+
+    def read(self, rows: np.ndarray) -> list[bytes]:
+        """The encoded bytes of ``rows`` ((M,) int64), in that order: one ranged read per image."""
+        out = []
+        for r in np.asarray(rows, np.int64):
+            f = self._file(int(self.shard[r]))
+            f.seek(int(self.offset[r]))
+            out.append(f.read(int(self.length[r])))
+        return out
+
+    def fingerprint(self) -> str:
+        """16 hex digits naming this store's content (the cache key it was written under, else its index)."""
+        return Path(self.location.rstrip("/")).name[:16]
+
+
+class ShardedImages:
+    """A lazy (N, H, W, C) uint8 image array over rows of an :class:`ImageStore` (see the module docstring).
+
+    Args:
+        location: the store (local path or URI). rows: (N,) int64 store rows, in this view's order.
+        size: (H, W) every image is decoded to. channels: 1 or 3.
+        resize: decode with a resize to ``size`` (the store's images differ in size), else at their own size.
+    Indexing with an int decodes one (H, W, C) image; with a slice, index array or mask, a batch of at most
+    :func:`decode_limit` bytes decodes to (b, H, W, C) uint8 and a larger one is another view.
+    """
+
+    ndim = 4
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, location: str, rows: np.ndarray, size: tuple[int, int], channels: int, resize: bool):
+        self.location, self.rows = str(location), np.asarray(rows, np.int64)
+        self.size, self.channels, self.resize = (int(size[0]), int(size[1])), int(channels), bool(resize)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.rows), *self.size, self.channels)
+
+    @property
+    def nbytes(self) -> int:
+        """Decoded size in bytes."""
+        return int(np.prod(self.shape))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def view(self, idx) -> "ShardedImages":
+        """The view of ``self.rows[idx]`` (never decodes)."""
+        return ShardedImages(self.location, self.rows[idx], self.size, self.channels, self.resize)
+
+    def decode(self, rows: np.ndarray) -> np.ndarray:
+        """Decode store ``rows`` ((b,) int64) -> (b, H, W, C) uint8."""
+        store = ImageStore.open(self.location)
+        out = np.empty((len(rows), *self.size, self.channels), np.uint8)  # (b, H, W, C) uint8
+        for i, (r, data) in enumerate(zip(rows, store.read(rows))):
+            out[i] = decode_image(data, self.channels, self.size[0] if self.resize else None, store.key[r])
+        return out
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            return np.asarray(self[key[0]])[(slice(None),) * (0 if np.ndim(key[0]) == 0 else 1) + key[1:]]
+        if np.ndim(key) == 0 and not isinstance(key, slice):
+            return self.decode(self.rows[[int(key)]])[0]
+        v = self.view(key)
+        return np.asarray(v) if v.nbytes <= decode_limit() else v
+
+    def __array__(self, dtype=None, copy=None):
+        if self.nbytes > decode_limit():
+            raise MaterializationError(
+                f"decoding {len(self)} images ({self.nbytes / 2**20:.0f} MiB) into one array is over the decode "
+                f"limit ({decode_limit() / 2**20:.0f} MiB, ${DECODE_LIMIT_ENV}): read this set in batches "
+                "(index it with a batch of rows), or materialize() it deliberately")
+        out = self.decode(self.rows)
+        return out if dtype is None else out.astype(dtype)
+
+    def iter_batches(self, batch_size: int):
+        """Yield (b, H, W, C) uint8 batches of this view, in order."""
+        for s in range(0, len(self), batch_size):
+            yield self.decode(self.rows[s:s + batch_size])
+
+    def materialize(self, batch_size: int = 1024) -> np.ndarray:
+        """Decode the whole view into one (N, H, W, C) uint8 array, batch by batch (the size decision: only for
+        sets that fit comfortably in memory)."""
+        out = np.empty(self.shape, np.uint8)
+        for i, b in enumerate(self.iter_batches(batch_size)):
+            out[i * batch_size:i * batch_size + len(b)] = b
+        return out
+
+    def content_hash(self) -> str:
+        """16 hex digits over the store's content key, the rows and the decode settings (no decoding)."""
+        h = hashlib.sha256(f"{ImageStore.open(self.location).fingerprint()}|{self.size}|{self.channels}|"
+                           f"{self.resize}".encode())
+        h.update(self.rows.tobytes())
+        return h.hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        return {"location": self.location, "size": list(self.size), "channels": self.channels,
+                "resize": self.resize}
+
+
+MANIFEST = "images.json"
+
+
+def save_images(out_dir: Path, images) -> Path:
+    """Save a set's images for other processes: an array as ``images.npy``; a :class:`ShardedImages` view as a
+    manifest (``images.json`` and its rows, ``images_rows.npy``), never its pixels. Returns the file written."""
+    out_dir = Path(out_dir)
+    if isinstance(images, ShardedImages):
+        np.save(out_dir / "images_rows.npy", images.rows)
+        (out_dir / MANIFEST).write_text(json.dumps(images.to_dict()))
+        return out_dir / MANIFEST
+    np.save(out_dir / "images.npy", images)
+    return out_dir / "images.npy"
+
+
+def open_images(entry: Path):
+    """The images :func:`save_images` wrote under ``entry``: a read-only memmap of ``images.npy``, or the
+    :class:`ShardedImages` view of the manifest. Raises FileNotFoundError when neither is there."""
+    entry = Path(entry)
+    if (entry / "images.npy").is_file():
+        return np.load(entry / "images.npy", mmap_mode="r")
+    if (entry / MANIFEST).is_file():
+        m = json.loads((entry / MANIFEST).read_text())
+        return ShardedImages(m["location"], np.load(entry / "images_rows.npy"), tuple(m["size"]), m["channels"],
+                             m["resize"])
+    raise FileNotFoundError(f"{entry} holds neither images.npy nor {MANIFEST}")

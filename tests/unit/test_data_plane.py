@@ -1,0 +1,102 @@
+"""The streaming data plane without Ray: an ImageFolder ingested once into encoded-image shards, read lazily, and
+a guard that fails when a stage decodes a whole large image set into one array."""
+import tarfile
+
+import numpy as np
+import pytest
+
+from orchestrator.config import DatasetConfig
+from orchestrator.data import DataError, load_task_data
+from orchestrator.data.decode import decode_image
+from orchestrator.data.ingest import list_image_folder
+from orchestrator.data.shards import (DECODE_LIMIT_ENV, ImageStore, MaterializationError, ShardedImages,
+                                      open_images, save_images)
+from tests.pools import write_mixed_image_folder
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, fmnist):
+    root = tmp_path_factory.mktemp("mixed")
+    idx = np.concatenate([np.flatnonzero(fmnist.train.labels == c)[:16] for c in range(3)])
+    counts = write_mixed_image_folder(root, fmnist.train.images[idx], fmnist.train.labels[idx], ["a", "b", "c"])
+    return root, counts
+
+
+def cfg(root, **kw):
+    return DatasetConfig(format="image_folder", root=str(root), channels=3, image_size=32, **kw)
+
+
+def test_mixed_modes_stream_from_shards_as_decoded_from_the_files(folder, tmp_path):
+    root, counts = folder
+    lazy = load_task_data(cfg(root, in_memory_max_mb=0), storage=tmp_path)
+    assert lazy.train.lazy and lazy.test.lazy and lazy.classes == ["a", "b", "c"]
+    assert (len(lazy.train), len(lazy.test)) == (counts["train"], counts["test"])
+    assert lazy.train.images.shape[1:] == (32, 32, 3)
+    listing = list_image_folder(root)
+    assert listing.hidden == counts["hidden"]  # the '._*' copies are skipped, not read as corrupt images
+    # every image decodes, from its shard member, to exactly what decoding the file gives
+    rows = lazy.train.images.rows
+    for k in (0, 5, len(rows) - 1):
+        want = decode_image(root / listing.paths[rows[k]], 3, 32)
+        np.testing.assert_array_equal(lazy.train.images[k], want)
+    # small enough: the same pixels decoded into memory once (the size decision), same content key
+    eager = load_task_data(cfg(root), storage=tmp_path)
+    assert not eager.train.lazy
+    np.testing.assert_array_equal(eager.train.images, lazy.train.images.materialize())
+    np.testing.assert_array_equal(eager.train.labels, lazy.train.labels)
+    assert np.allclose(eager.pixel_stats(), lazy.pixel_stats(), atol=1e-4)  # float32 sums vs float64
+    # the shards are WebDataset-style tars of the files' own bytes
+    store = ImageStore.open(lazy.train.images.location)
+    with tarfile.open(next(p for p in (tmp_path / "cache" / "image_shards").rglob("shard-00000.tar"))) as t:
+        first = t.getmembers()[0]
+        assert t.extractfile(first).read() == (root / store.key[0]).read_bytes()
+
+
+def test_second_load_reuses_the_shards_and_a_changed_file_re_ingests(folder, tmp_path, monkeypatch):
+    root, _ = folder
+    first = load_task_data(cfg(root, in_memory_max_mb=0), storage=tmp_path).train.images.location
+    import orchestrator.data.ingest as ingest
+
+    monkeypatch.setattr(ingest, "write_store", lambda *a, **k: pytest.fail("re-ingested an unchanged folder"))
+    assert load_task_data(cfg(root, in_memory_max_mb=0), storage=tmp_path).train.images.location == first
+    assert load_task_data(cfg(root, in_memory_max_mb=0, ingest="ray_data"), storage=tmp_path)  # same key
+
+
+def test_every_unreadable_file_is_named_in_one_error(tmp_path, fmnist):
+    root = tmp_path / "f"
+    write_mixed_image_folder(root, fmnist.train.images[:12], np.arange(12) % 3, ["a", "b", "c"])
+    bad = [root / "train" / "a" / "bad1.jpg", root / "train" / "b" / "bad2.png", root / "test" / "c" / "bad3.png"]
+    for p in bad:
+        p.write_bytes(b"not an image")
+    with pytest.raises(DataError) as e:
+        load_task_data(cfg(root), storage=tmp_path / "store")
+    msg = str(e.value)
+    assert msg.startswith(f"3 image files under {root} cannot be used")
+    for p in bad:
+        assert f"corrupt or unreadable image {p}" in msg  # each with today's wording
+    assert not list((tmp_path / "store" / "cache" / "image_shards").glob("*/_COMPLETE"))  # nothing published
+
+
+def test_mixed_sizes_without_image_size_keep_their_error(folder, tmp_path):
+    root, _ = folder
+    with pytest.raises(DataError, match=r"have different sizes .*set data.image_size"):
+        load_task_data(DatasetConfig(format="image_folder", root=str(root)), storage=tmp_path)
+
+
+def test_a_large_view_refuses_whole_set_decoding_but_decodes_batches(folder, tmp_path, monkeypatch):
+    root, _ = folder
+    images = load_task_data(cfg(root, in_memory_max_mb=0), storage=tmp_path).train.images
+    per = 32 * 32 * 3
+    monkeypatch.setenv(DECODE_LIMIT_ENV, str(10 * per))
+    assert images[np.arange(4)].shape == (4, 32, 32, 3)  # a batch decodes
+    big = images[np.arange(20)]
+    assert isinstance(big, ShardedImages)  # a request over the limit stays a view ...
+    with pytest.raises(MaterializationError, match="over the decode limit"):
+        np.asarray(big)  # ... and refuses to become one array
+    with pytest.raises(MaterializationError):
+        np.save(tmp_path / "old.npy", images)  # what a whole-array transfer-set entry used to do
+    # a lazy set travels to other processes as a manifest of rows, never as pixels
+    assert save_images(tmp_path, images).name == "images.json"
+    back = open_images(tmp_path)
+    assert isinstance(back, ShardedImages) and np.array_equal(back.rows, images.rows)
+    np.testing.assert_array_equal(back[np.arange(3)], images[np.arange(3)])
