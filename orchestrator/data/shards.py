@@ -42,6 +42,23 @@ class MaterializationError(RuntimeError):
     """A whole large image set was about to be decoded into one array (see the module docstring)."""
 
 
+_POOL = None
+
+
+def decode_threads() -> int:
+    """Threads that decode one batch (``$KT_DECODE_THREADS``, default min(4, CPUs))."""
+    return max(1, int(os.environ.get("KT_DECODE_THREADS", min(4, os.cpu_count() or 1))))
+
+
+def _pool():
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(decode_threads(), thread_name_prefix="kt-decode")
+    return _POOL
+
+
 def decode_limit() -> int:
     """The most bytes one request may decode into an array (``$KT_DECODE_LIMIT_BYTES``, default 1 GiB)."""
     return int(os.environ.get(DECODE_LIMIT_ENV, DEFAULT_DECODE_LIMIT))
@@ -123,6 +140,7 @@ class ImageStore:
         for c in INDEX_COLUMNS:
             setattr(self, c, t.column(c).to_numpy(zero_copy_only=False))
         self._files: dict[int, object] = {}
+        self._pid = os.getpid()
 
     @classmethod
     def open(cls, location: str | Path) -> "ImageStore":
@@ -136,23 +154,27 @@ class ImageStore:
         return len(self.shard)
 
     def _file(self, shard: int):
+        """This process's handle of a shard: a file descriptor (local) or a pyarrow random-access file (URI).
+        Reads are positional (no shared offset), and a forked child (a DataLoader worker) opens its own."""
+        if self._pid != os.getpid():
+            self._files, self._pid = {}, os.getpid()
         f = self._files.get(shard)
         if f is None:
             name = f"shard-{shard:05d}.tar"
             f = (self._fs.open_input_file(st.join(self._base, name)) if self._fs is not None
-                 else open(Path(self._base) / name, "rb"))
+                 else os.open(Path(self._base) / name, os.O_RDONLY))
             if len(self._files) >= 64:  # bound the open handles
-                self._files.pop(next(iter(self._files))).close()
+                old = self._files.pop(next(iter(self._files)))
+                os.close(old) if isinstance(old, int) else old.close()
             self._files[shard] = f
         return f
 
     def read(self, rows: np.ndarray) -> list[bytes]:
-        """The encoded bytes of ``rows`` ((M,) int64), in that order: one ranged read per image."""
+        """The encoded bytes of ``rows`` ((M,) int64), in that order: one positional ranged read per image."""
         out = []
         for r in np.asarray(rows, np.int64):
-            f = self._file(int(self.shard[r]))
-            f.seek(int(self.offset[r]))
-            out.append(f.read(int(self.length[r])))
+            f, off, n = self._file(int(self.shard[r])), int(self.offset[r]), int(self.length[r])
+            out.append(os.pread(f, n, off) if isinstance(f, int) else f.read_at(n, off).to_pybytes())
         return out
 
     def fingerprint(self) -> str:
@@ -195,11 +217,21 @@ class ShardedImages:
         return ShardedImages(self.location, self.rows[idx], self.size, self.channels, self.resize)
 
     def decode(self, rows: np.ndarray) -> np.ndarray:
-        """Decode store ``rows`` ((b,) int64) -> (b, H, W, C) uint8."""
+        """Decode store ``rows`` ((b,) int64) -> (b, H, W, C) uint8, on :func:`decode_threads` threads (Pillow
+        releases the GIL while it decodes)."""
         store = ImageStore.open(self.location)
         out = np.empty((len(rows), *self.size, self.channels), np.uint8)  # (b, H, W, C) uint8
-        for i, (r, data) in enumerate(zip(rows, store.read(rows))):
-            out[i] = decode_image(data, self.channels, self.size[0] if self.resize else None, store.key[r])
+        size = self.size[0] if self.resize else None
+
+        def one(i: int, data: bytes) -> None:
+            out[i] = decode_image(data, self.channels, size, store.key[rows[i]])
+
+        blobs = store.read(rows)
+        if len(rows) < 16 or decode_threads() == 1:
+            for i, data in enumerate(blobs):
+                one(i, data)
+        else:
+            list(_pool().map(one, range(len(rows)), blobs))
         return out
 
     def __getitem__(self, key):

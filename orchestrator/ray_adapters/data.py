@@ -25,6 +25,16 @@ def images_dataset(images: np.ndarray, blocks: int):
     return ray.data.from_arrow(tables)
 
 
+def index_dataset(n: int, blocks: int):
+    """A Ray Dataset with the column ``index`` (int64, 0..n-1) in ``blocks`` in-memory blocks (no read tasks:
+    those would wait for CPUs that the actor pool holds)."""
+    import pyarrow as pa
+    import ray
+
+    return ray.data.from_arrow([pa.table({"index": pa.array(idx, pa.int64())})
+                                for idx in np.array_split(np.arange(n), max(1, min(blocks, n)))])
+
+
 def teacher_inference(checkpoint: str, images: np.ndarray, out_dir: Path, batch_size: int = 512,
                       actors: int = 2, gpus_per_actor: float = 0.0, features: bool = False):
     """Run the adapted teacher over ``images`` ((N, H, W, C) uint8: an array, or a lazy view over image shards
@@ -42,8 +52,7 @@ def teacher_inference(checkpoint: str, images: np.ndarray, out_dir: Path, batch_
     ensure_ray()
     blocks = max(actors * 4, len(images) // 4096)
     lazy = not isinstance(images, np.ndarray)  # image shards: each actor reads and decodes its own batches
-    ds = ray.data.range(len(images), override_num_blocks=blocks).rename_columns({"id": "index"}) if lazy \
-        else images_dataset(images, blocks)
+    ds = index_dataset(len(images), blocks) if lazy else images_dataset(images, blocks)
     out = ds.map_batches(
         TeacherPredictor, fn_constructor_kwargs={"checkpoint": checkpoint, "num_threads": 1, "features": features,
                                                  "images": images if lazy else None},

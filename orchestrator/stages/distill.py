@@ -20,7 +20,7 @@ from orchestrator.config import AugmentPolicy, DistillConfig
 from orchestrator.data.images import ImageSet
 from orchestrator.models.preprocess import Preprocess
 from orchestrator.stages.accel import autocast, prepare_model, to_device
-from orchestrator.stages.loop import model_input
+from orchestrator.stages.loop import model_input, prefetched
 from orchestrator.stages.schedule import distill_plan, optimizer_step
 from orchestrator.stages.schedule import make_optimizer as _make_optimizer
 from orchestrator.stages.losses import LOSSES
@@ -116,10 +116,10 @@ def distill_epoch(model: nn.Module, opt, sched, data: DistillData, preprocess: P
     lab_rng = np.random.default_rng([seed, epoch, rank, 7])
     losses = []
     aug = (augment or True) if cfg.augment else None
-    for idx in distill_plan(len(data.images), cfg, world).batches(seed, epoch, rank):
-        x = model_input(data.images, idx, preprocess, aug, device)  # (B, C, H, W) float32
+    for idx, batch in prefetched(data.images, distill_plan(len(data.images), cfg, world).batches(seed, epoch, rank)):
+        x = model_input(batch, slice(None), preprocess, aug, device)  # (B, C, H, W) float32
         if data.teacher is not None:
-            t, tf = data.teacher(np.asarray(data.images[idx]))  # (B, K), (B, D): a teacher forward every step
+            t, tf = data.teacher(np.asarray(batch))  # (B, K), (B, D): a teacher forward every step
         else:
             t = to_device(torch.from_numpy(np.array(data.teacher_logits[idx], dtype=np.float32)), device)  # (B, K)
             tf = (to_device(torch.from_numpy(np.array(data.teacher_features[idx], dtype=np.float32)), device)

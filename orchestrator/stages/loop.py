@@ -4,7 +4,9 @@ Budgets, batch order and the LR schedule come from :mod:`orchestrator.stages.sch
 ``cosine_schedule`` are re-exported here for older callers)."""
 from __future__ import annotations
 
-from typing import Callable
+from collections import deque
+from itertools import islice
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -44,6 +46,27 @@ def model_input(images: np.ndarray, idx: np.ndarray, preprocess: Preprocess, aug
     if policy is not None:
         x = augment_batch(x, policy)
     return preprocess.from_unit(x)
+
+
+def prefetched(images, batches: Iterable[np.ndarray], depth: int = 2) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(idx, images[idx])`` for each batch of indices, as (b,) int64 and (b, H, W, C) uint8. A lazy image set
+    (image shards) decodes up to ``depth`` batches ahead on a background thread while the caller trains; an
+    array is indexed in place."""
+    if isinstance(images, np.ndarray):
+        for idx in batches:
+            yield idx, images[idx]
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    it = iter(batches)
+    with ThreadPoolExecutor(1, thread_name_prefix="kt-prefetch") as ex:
+        queue = deque((idx, ex.submit(lambda i=idx: np.asarray(images[i]))) for idx in islice(it, depth))
+        while queue:
+            idx, fut = queue.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                queue.append((nxt, ex.submit(lambda i=nxt: np.asarray(images[i]))))
+            yield idx, fut.result()
 
 
 def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
