@@ -44,10 +44,10 @@ TINY = {"channels": [8, 16, 32, 64], "stem_width": 8}
 class RssSampler:
     """Peak RSS (bytes) of this process and of each descendant process, sampled every ``interval`` s."""
 
-    def __init__(self, interval: float = 0.25):
+    def __init__(self, interval: float = 0.25, pid: int | None = None):
         import psutil
 
-        self.me, self.interval, self.stop = psutil.Process(), interval, threading.Event()
+        self.me, self.interval, self.stop = psutil.Process(pid), interval, threading.Event()
         self.peak: dict[int, tuple[str, int]] = {}
         self.tree_peak = 0
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -241,6 +241,44 @@ def run_size(n: int, store: Path, px: int, ckpt: Path, args, work: Path) -> list
     return rows
 
 
+def image_folder_run(root: Path, n: int, px: int, store: Path) -> dict:
+    """`kt run` (the font-digits task's smoke budgets, RGB) on an ImageFolder of ``n`` train JPEGs at ``px`` (the
+    pool's first images, 10 classes, plus n/4 test) in a subprocess: its wall time and the peak RSS of its
+    process tree (the issue's original measurement: 4,000 and 16,000 160-px images)."""
+    import subprocess
+
+    from orchestrator.data.shards import ImageStore
+
+    folder = root / f"folder_{n}_{px}"
+    if not (folder / ".done").is_file():
+        src = ImageStore(store)
+        total = n + n // 4
+        if total > len(src):
+            raise SystemExit(f"--folder-sizes {n}: the pool holds {len(src)} images; raise --sizes")
+        for i, data in zip(range(total), src.read(np.arange(total))):
+            d = folder / ("test" if i >= n else "train") / f"c{i % 10}"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"{i:07d}.jpg").write_bytes(data)
+        (folder / ".done").write_text("")
+    storage = root / f"kt_storage_{n}_{px}"
+    cmd = [sys.executable, "-m", "orchestrator.cli", "run", str(ROOT / "tasks" / "font_digits.yaml"), "--smoke",
+           "--storage", str(storage), "--set", f"data.root={folder}", "--set", "data.channels=3"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with RssSampler(0.5, proc.pid) as s:
+        out, _ = proc.communicate()
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"kt run on {folder} failed:\n{out[-3000:]}")
+    r = {"n": n, "px": px, "pass": "kt run", "loader": "image_folder", "seconds": wall,
+         "decoded_mib": n * px * px * 3 / 2**20, **s.summary()}
+    print(f"kt run  N={n:>6} ({r['decoded_mib']:.0f} MiB decoded): {wall:.0f} s, process tree peak "
+          f"{r['tree_mib']:.0f} MiB, kt process {r['driver_mib']:.0f} MiB, largest other {r['worker_max_mib']:.0f} MiB",
+          flush=True)
+    return r
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="25000,100000,200000")
@@ -250,22 +288,44 @@ def main():
     ap.add_argument("--actors", type=int, default=2)
     ap.add_argument("--root", default="/tmp/kt_data_plane")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_plane.jsonl"))
+    ap.add_argument("--folder-sizes", default="", help="also `kt run` on ImageFolders of these many train images "
+                    "(the issue's table: 4000,16000 at --folder-px 160)")
+    ap.add_argument("--folder-px", type=int, default=160)
+    ap.add_argument("--only", type=int, help=argparse.SUPPRESS)  # one size, in a fresh process
     args = ap.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = [int(s) for s in args.sizes.split(",") if s]
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    store = build_pool(root, max(sizes), args.px)
-    ckpt = tiny_teacher(root / "teacher.pt", args.model_px)
-    from orchestrator.ray_adapters.session import ensure_ray
+    if args.only:
+        from orchestrator.ray_adapters.session import ensure_ray
 
-    ensure_ray()
+        ensure_ray()
+        for r in run_size(args.only, root / f"pool_{max(sizes)}_{args.px}", args.px, root / "teacher.pt", args, root):
+            print("JSON " + json.dumps(r), flush=True)
+        return
+    import subprocess
+
+    t0 = time.perf_counter()
+    build_pool(root, max(sizes), args.px)
+    tiny_teacher(root / "teacher.pt", args.model_px)
+    rows = []
+    for n in sizes:  # each size in a fresh process (and a fresh local Ray): its peaks are its own
+        p = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--only", str(n)], text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ, "RAY_ADDRESS": ""})
+        for line in p.stdout.splitlines():
+            if line.startswith("JSON "):
+                rows.append(json.loads(line[5:]))
+            elif line.startswith("N="):
+                print(line, flush=True)
+        if p.returncode:
+            raise SystemExit(f"size {n} failed:\n{p.stdout[-3000:]}")
+    if args.folder_sizes:
+        fpool = build_pool(root, max(int(s) * 5 // 4 for s in args.folder_sizes.split(",")), args.folder_px)
+        rows += [image_folder_run(root, int(s), args.folder_px, fpool) for s in args.folder_sizes.split(",")]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for n in sizes:
-        for r in run_size(n, store, args.px, ckpt, args, root):
-            with open(out, "a") as f:
-                f.write(json.dumps(r) + "\n")
+    with open(out, "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
     print(f"wall {time.perf_counter() - t0:.0f} s", flush=True)
 
 

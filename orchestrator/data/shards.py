@@ -174,7 +174,7 @@ class ImageStore:
         out = []
         for r in np.asarray(rows, np.int64):
             f, off, n = self._file(int(self.shard[r])), int(self.offset[r]), int(self.length[r])
-            out.append(os.pread(f, n, off) if isinstance(f, int) else f.read_at(n, off).to_pybytes())
+            out.append(os.pread(f, n, off) if isinstance(f, int) else f.read_at(n, off))
         return out
 
     def fingerprint(self) -> str:
@@ -291,14 +291,73 @@ def save_images(out_dir: Path, images) -> Path:
     return out_dir / "images.npy"
 
 
-def open_images(entry: Path):
-    """The images :func:`save_images` wrote under ``entry``: a read-only memmap of ``images.npy``, or the
-    :class:`ShardedImages` view of the manifest. Raises FileNotFoundError when neither is there."""
-    entry = Path(entry)
-    if (entry / "images.npy").is_file():
-        return np.load(entry / "images.npy", mmap_mode="r")
-    if (entry / MANIFEST).is_file():
-        m = json.loads((entry / MANIFEST).read_text())
-        return ShardedImages(m["location"], np.load(entry / "images_rows.npy"), tuple(m["size"]), m["channels"],
-                             m["resize"])
-    raise FileNotFoundError(f"{entry} holds neither images.npy nor {MANIFEST}")
+class RemoteNpy:
+    """A read-only ``.npy`` array on a storage URI, read row by row with positional ranged reads (never
+    downloaded whole): ``shape``, ``dtype``, ``len``, and ``a[idx]`` -> the rows as an array."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        fs, path = st.filesystem(uri)
+        f = fs.open_input_file(path)
+        head = f.read_at(min(f.size(), 4096), 0)
+        version = np.lib.format.read_magic(io.BytesIO(head))
+        buf = io.BytesIO(head)
+        np.lib.format.read_magic(buf)
+        shape, fortran, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                 else np.lib.format.read_array_header_2_0)(buf)
+        if fortran:
+            raise ValueError(f"{uri}: Fortran-ordered arrays are not read row by row")
+        self.shape, self.dtype, self._offset, self._f = tuple(shape), np.dtype(dtype), buf.tell(), None
+        self._row = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        f.close()
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_f": None}
+
+    def __getitem__(self, idx) -> np.ndarray:
+        if self._f is None:
+            fs, path = st.filesystem(self.uri)
+            self._f = fs.open_input_file(path)
+        rows = np.arange(len(self))[idx]
+        scalar = np.ndim(rows) == 0
+        rows = np.atleast_1d(rows)
+        out = np.empty((len(rows), *self.shape[1:]), self.dtype)
+        for i, r in enumerate(rows):
+            out[i] = np.frombuffer(self._f.read_at(self._row, self._offset + int(r) * self._row),
+                                   self.dtype).reshape(self.shape[1:])
+        return out[0] if scalar else out
+
+
+def open_array(entry: str | Path, name: str):
+    """Array file ``name`` of a cache entry: a read-only memmap (a local directory) or a :class:`RemoteNpy`
+    (a storage URI: rows are read as they are indexed, nothing is mirrored)."""
+    if st.is_uri(str(entry)):
+        return RemoteNpy(st.join(str(entry), name))
+    return np.load(Path(entry) / name, mmap_mode="r")
+
+
+def _read_small(entry: str | Path, name: str) -> bytes | None:
+    """A small file of an entry (local or URI), or None when it is not there."""
+    if st.is_uri(str(entry)):
+        fs, path = st.filesystem(st.join(str(entry), name))
+        return fs.open_input_file(path).read() if st.exists(fs, path) else None
+    p = Path(entry) / name
+    return p.read_bytes() if p.is_file() else None
+
+
+def open_images(entry: str | Path):
+    """The images :func:`save_images` wrote under ``entry`` (a local directory or a storage URI): the array of
+    ``images.npy`` (:func:`open_array`), or the :class:`ShardedImages` view of the manifest. Raises
+    FileNotFoundError when neither is there."""
+    manifest = _read_small(entry, MANIFEST)
+    if manifest is not None:
+        m = json.loads(manifest)
+        rows = np.load(io.BytesIO(_read_small(entry, "images_rows.npy")))
+        return ShardedImages(m["location"], rows, tuple(m["size"]), m["channels"], m["resize"])
+    try:
+        return open_array(entry, "images.npy")
+    except (FileNotFoundError, OSError):
+        raise FileNotFoundError(f"{entry} holds neither images.npy nor {MANIFEST}") from None

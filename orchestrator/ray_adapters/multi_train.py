@@ -11,24 +11,23 @@ import logging
 import time
 from typing import Callable
 
-from orchestrator.data.shards import open_images
+from orchestrator.data.shards import open_array, open_images
 from orchestrator.ray_adapters.loop_session import LoopSession, run_loop
 from orchestrator.ray_adapters.session import quiet_train_worker, say
-from orchestrator.ray_adapters.train import ray_ddp, resolve_ref  # the same cache references
+from orchestrator.ray_adapters.train import entry_location, ray_ddp  # the same cache references
 
 log = logging.getLogger(__name__)
 
 
 def load_data(config: dict):
     """The worker's :class:`~orchestrator.stages.multi_distill.MultiDistillData` from the train-loop config."""
-    import numpy as np
 
     from orchestrator.data.images import ImageSet
     from orchestrator.stages.multi_distill import MultiDistillData, SourceTargets
 
-    dirs = [resolve_ref(s["entry"]) for s in config["sources"]]
-    targets = [SourceTargets(s["name"], float(s["weight"]), np.load(d / "pseudo.npy", mmap_mode="r"),
-                             np.load(d / "features.npy", mmap_mode="r")) for s, d in zip(config["sources"], dirs)]
+    dirs = [entry_location(s["entry"]) for s in config["sources"]]
+    targets = [SourceTargets(s["name"], float(s["weight"]), open_array(d, "pseudo.npy"), open_array(d, "features.npy"))
+               for s, d in zip(config["sources"], dirs)]
     lab = config["labeled"]
     return MultiDistillData(open_images(dirs[0]), targets,
                             ImageSet(lab["images"], lab["labels"]) if lab else None)

@@ -27,7 +27,7 @@ def _train_fn(config: dict, report: Callable[[dict], None] | None = None) -> Non
     import torch
 
     from orchestrator.config import AugmentPolicy, DistillConfig
-    from orchestrator.data.shards import open_images
+    from orchestrator.data.shards import open_array, open_images
     from orchestrator.models.preprocess import Preprocess
     from orchestrator.models.students import create_student
     from orchestrator.stages.distill import (DistillData, distill_epoch, load_state, make_optimizer, new_log,
@@ -48,10 +48,9 @@ def _train_fn(config: dict, report: Callable[[dict], None] | None = None) -> Non
     d, lab, val = _inputs(config["data"])
     online = cfg.teacher_outputs == "online"
     use_feat = cfg.feature_weight > 0
-    data = DistillData(open_images(d),
-                       None if online else np.load(d / "logits.npy", mmap_mode="r"), lab,
+    data = DistillData(open_images(d), None if online else open_array(d, "logits.npy"), lab,
                        online_teacher(resolve_ref(config["teacher_checkpoint"]), device) if online else None,
-                       np.load(d / "features.npy", mmap_mode="r") if use_feat and not online else None)
+                       open_array(d, "features.npy") if use_feat and not online else None)
     val = val if rank == 0 else None  # held-out labeled images: rank 0 reports the per-epoch selection metric
     torch.manual_seed(config["seed"])
     model = create_student(config["student"], config["num_classes"], pre, config["model_kwargs"])
@@ -118,15 +117,32 @@ def resolve_ref(ref) -> Path:
     return entry / ref["file"] if ref.get("file") else entry
 
 
+def entry_location(ref) -> str | Path:
+    """Where a cache reference's files are read from without mirroring them: the entry's URI on a storage URI
+    (workers read rows with ranged reads), else its local directory; a path -> itself. Raises
+    FileNotFoundError when the entry is not complete there."""
+    if not isinstance(ref, dict):
+        return Path(ref)
+    from orchestrator.cache import Cache
+    from orchestrator.storage import is_uri
+
+    loc = Cache(ref["storage"]).location(ref["kind"], ref["key"])
+    if loc is None:
+        raise FileNotFoundError(f"cache entry {ref['kind']}/{ref['key']} is not under {ref['storage']}; "
+                                "this node cannot see the driver's storage (use a storage URI on a cluster)")
+    return loc if is_uri(loc) else Path(loc)
+
+
 def _inputs(src):
-    """(dir with images.npy/logits.npy/features.npy, labeled ImageSet, validation ImageSet or None)."""
+    """(the teacher-outputs entry: a local dir or a URI with images.npy or images.json, logits.npy and
+    features.npy; labeled ImageSet; validation ImageSet or None)."""
     import numpy as np
 
     from orchestrator.data.images import ImageSet
 
     if isinstance(src, dict) and "kind" in src:
         lab, val = src["labeled"], src.get("val")
-        return (resolve_ref(src), ImageSet(lab["images"], lab["labels"]),
+        return (entry_location(src), ImageSet(lab["images"], lab["labels"]),
                 ImageSet(val["images"], val["labels"]) if val else None)
     d = Path(src)
     lab = np.load(d / "labeled.npz")
