@@ -22,6 +22,11 @@ Phases (each on the smoke profile, real Fashion-MNIST, the ImageNet EfficientNet
    worker node is removed once both trials have checkpointed. Invariants: both
    trials finish exactly once, the lost one resumed from its checkpoint on the other node.
 
+4. **Streaming ImageFolder** (`kt run` on a 7,500-file RGB ImageFolder that streams from its image shards):
+   killed while the folder is being ingested and mid-epoch of the streaming distillation. Invariants: one
+   image-shards entry holding every file exactly once, no whole-array copy of the images, the re-run resumed
+   distillation from its checkpoint, no half-written cache entry.
+
 A kill point that the process passed before the watcher saw it is reported as missed (and not counted as a
 kill). The last line: ``N kills, M invariant violations``.
 
@@ -288,6 +293,58 @@ def phase_run(work: Path, cluster: RayCluster) -> None:
     check(not bad, f"no half-written cache entry ({bad})")
 
 
+def write_folder(root: Path, n: int, px: int = 96) -> int:
+    """An RGB ImageFolder of ``n`` train JPEGs (real Fashion-MNIST, upscaled and tinted) and n/4 test ones."""
+    import numpy as np
+    from PIL import Image
+
+    from orchestrator.config import DatasetConfig
+    from orchestrator.data import load_task_data
+
+    src = load_task_data(DatasetConfig()).train
+    rng = np.random.default_rng(0)
+    total = n + n // 4
+    for i in range(total):
+        d = root / ("test" if i >= n else "train") / f"c{int(src.labels[i])}"
+        d.mkdir(parents=True, exist_ok=True)
+        g = np.asarray(Image.fromarray(src.images[i, ..., 0]).resize((px, px), Image.BILINEAR), np.float32)
+        Image.fromarray((g[..., None] * rng.uniform(0.4, 1, 3)).astype(np.uint8)).save(d / f"{i:06d}.jpg")
+    return total
+
+
+def phase_stream(work: Path, cluster: RayCluster) -> None:
+    """`kt run` on an ImageFolder that streams from its image shards (``data.in_memory_max_mb=0``): killed while
+    the folder is being ingested and mid-epoch of the streaming distillation."""
+    say("phase 4: a streaming ImageFolder run killed during ingest and mid-epoch")
+    from orchestrator.data.shards import ImageStore
+
+    storage, log = work / "stream", work / "stream.log"
+    files = write_folder(work / "folder", 6000)
+    env = {**os.environ, "RAY_ADDRESS": cluster.address, "PYTHONUNBUFFERED": "1"}
+    args = ["run", str(ROOT / "tasks" / "font_digits.yaml"), "--smoke", "--storage", str(storage), "--set",
+            f"data.root={work / 'folder'}", "--set", "data.channels=3", "--set", "data.in_memory_max_mb=0",
+            "--set", "distill.epochs=4", "--set", "baseline.enabled=false"]
+    cache, results = storage / "cache", storage / "ray_results"
+    points = [
+        ("stream: ingesting the ImageFolder", globbed(cache, "image_shards/.tmp-*/shard-00000.tar"), 0.3),
+        ("stream: mid-epoch of a streaming distillation", globbed(results, "distill-*/kt_state.pt"), 1.0),
+    ]
+    for point, ready, delay in points:
+        kill_when(kt(args, log, env), point, ready, delay)
+    wait(kt(args, log, env), "the last streaming kt run")
+    text = log.read_text()
+    check("stream from their image shards" in text, "the transfer set streamed from image shards")
+    check("resumed distillation from its checkpoint" in text, "a re-run resumed distillation from a checkpoint")
+    stores = [d for d in (cache / "image_shards").iterdir() if not d.name.startswith(".")]
+    check(len(stores) == 1, f"one image-shards entry ({len(stores)})")
+    if stores:
+        idx = ImageStore(stores[0])
+        check(len(idx) == files, f"every file ingested exactly once ({len(idx)} rows, {files} files)")
+    check(not list(cache.rglob("images.npy")), "no whole-array copy of the images in the cache")
+    bad = incomplete_entries(storage)
+    check(not bad, f"no half-written cache entry ({bad})")
+
+
 def phase_node(work: Path) -> None:
     """A worker node removed mid-sweep (see the module doc)."""
     say("phase 3: a worker node removed mid-sweep")
@@ -359,7 +416,7 @@ def phase_node(work: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--phases", default="sweep,run,node", help="comma-separated: sweep, run, node")
+    ap.add_argument("--phases", default="sweep,run,node,stream", help="comma-separated: sweep, run, node, stream")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (printed)")
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "token")
@@ -368,13 +425,15 @@ def main() -> None:
     t0 = time.time()
     phases = args.phases.split(",")
     try:
-        if {"sweep", "run"} & set(phases):
+        if {"sweep", "run", "stream"} & set(phases):
             cluster = RayCluster(work / "ray_start.log")
             try:
                 if "sweep" in phases:
                     phase_sweep(work, cluster)
                 if "run" in phases:
                     phase_run(work, cluster)
+                if "stream" in phases:
+                    phase_stream(work, cluster)
             finally:
                 cluster.stop()
         if "node" in phases:

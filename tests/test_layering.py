@@ -16,7 +16,7 @@ ALLOWED = {
     "registry": set(), "ids": set(), "storage": set(), "cache": {"storage"}, "progress": set(),
     "config_base": set(), "config_training": {"config_base"}, "config_methods": {"config_base", "config_training"},
     "config": {"storage", "config_base", "config_training", "config_methods"},
-    "data": {"config", "registry"},
+    "data": {"config", "registry", "storage", "cache"},  # image shards live in the cache, on a URI or a path
     "models": {"data", "ids", "registry", "config"},
     "stages": FOUNDATION | {"data", "models"},
     "similarity": {"registry"},
