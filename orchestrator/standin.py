@@ -9,6 +9,7 @@ from pathlib import Path
 from orchestrator.cache import Cache
 from orchestrator.config import PipelineConfig, TeacherConfig, config_hash
 from orchestrator.data.images import TaskData
+from orchestrator.data.shards import take
 from orchestrator.data.splits import Split
 from orchestrator.models.teachers import save_model_checkpoint
 from orchestrator.stages.compute import Meter
@@ -47,7 +48,7 @@ def ensure_standin(cfg: PipelineConfig, task: TaskData, split: Split, cache: Cac
         log.warning("using cached %s (linear probe top-1 %.4f)", meta["provenance"], meta["linear_probe_top1"])
         return StandinInfo(hit / "teacher.pt", meta, True)
     mean, std = task.pixel_stats()
-    unlabeled = task.train.images[split.without_labels()]  # a validation subset's labels are not used either
+    unlabeled = take(task.train.images, split.without_labels())  # a validation subset's labels are not used either
     with Meter() as m:
         teacher = pretrain_standin(unlabeled, cfg.standin, mean, std, device,
                                    hflip=bool(cfg.data.augment_policy().hflip))

@@ -8,6 +8,15 @@ from dataclasses import dataclass
 import numpy as np
 
 
+SMALL_SUBSET_BYTES = 64 << 20
+
+
+def _decode_limit() -> int:
+    from orchestrator.data.shards import decode_limit
+
+    return decode_limit()
+
+
 @dataclass
 class ImageSet:
     """Images with optional labels.
@@ -45,8 +54,12 @@ class ImageSet:
         return len(self.images)
 
     def subset(self, idx: np.ndarray) -> "ImageSet":
-        """The images (and labels) at ``idx`` ((M,) int64); a lazy set's subset is a lazy view."""
-        images = self.images.view(idx) if self.lazy else self.images[idx]
+        """The images (and labels) at ``idx`` ((M,) int64). A lazy set's subset is a lazy view, decoded into
+        memory once when it is small (at most :data:`SMALL_SUBSET_BYTES`, the loader's ``data.in_memory_max_mb``
+        and the decode limit: a labeled subset that every epoch reads again)."""
+        images = self.images[idx] if not self.lazy else self.images.view(idx)
+        if self.lazy and images.nbytes <= min(SMALL_SUBSET_BYTES, images.in_memory_max_bytes, _decode_limit()):
+            images = images.materialize()
         return ImageSet(images, None if self.labels is None else self.labels[idx])
 
     def content_hash(self) -> str:

@@ -172,7 +172,7 @@ def store_split(location: str, rows: np.ndarray, labels: np.ndarray, channels: i
 
     store = ImageStore.open(location)
     hw = (size, size) if size else (int(store.height[rows[0]]), int(store.width[rows[0]]))
-    view = ShardedImages(location, rows, hw, channels, resize=size is not None)
+    view = ShardedImages(location, rows, hw, channels, resize=size is not None, in_memory_max_bytes=in_memory_max_bytes)
     if view.nbytes <= in_memory_max_bytes:
         return ImageSet(view.materialize(), labels)
     log.info("%d images (%.0f MiB decoded, over data.in_memory_max_mb) stream from their image shards",

@@ -9,10 +9,10 @@ An image store is a directory (a local path or a storage URI: ``file://``, ``s3:
   relative path it was read from), ``height``/``width`` (int32, after mode conversion, before resizing).
 
 :class:`ShardedImages` is a lazy (N, H, W, C) uint8 view over rows of a store: indexing a batch reads only those
-members (one ranged read each, straight from the storage URI: nothing is mirrored whole) and decodes them. A
-request whose decoded size is over the decode limit (``$KT_DECODE_LIMIT_BYTES``, default 1 GiB) returns another
-view instead, and turning such a view into an array raises :class:`MaterializationError`: no stage can hold a
-whole large set in one process by accident. :meth:`ShardedImages.materialize` is the deliberate exception (the
+members (one ranged read each, straight from the storage URI: nothing is mirrored whole) and decodes them; a
+subset is another view (:func:`take`). Decoding more than the decode limit (``$KT_DECODE_LIMIT_BYTES``, default
+1 GiB) into one array raises :class:`MaterializationError`: no stage can hold a whole large set in one process
+by accident. :meth:`ShardedImages.materialize` is the deliberate exception (the
 size decision of a loader, for sets that fit comfortably in memory).
 
 Cost: one ``index.parquet`` of about 40 bytes per image is read by every process that opens the store (50 MB
@@ -189,16 +189,21 @@ class ShardedImages:
         location: the store (local path or URI). rows: (N,) int64 store rows, in this view's order.
         size: (H, W) every image is decoded to. channels: 1 or 3.
         resize: decode with a resize to ``size`` (the store's images differ in size), else at their own size.
-    Indexing with an int decodes one (H, W, C) image; with a slice, index array or mask, a batch of at most
-    :func:`decode_limit` bytes decodes to (b, H, W, C) uint8 and a larger one is another view.
+        in_memory_max_bytes: the loader's size decision (``data.in_memory_max_mb``), carried to subsets: an
+            ImageSet subset at most this size (and 64 MiB) is decoded once (a labeled subset), 0: never.
+    Indexing with an int decodes one (H, W, C) image; with a slice, index array or mask, a batch decodes to
+    (b, H, W, C) uint8 (over :func:`decode_limit` bytes: MaterializationError). A subset that stays lazy is
+    :meth:`view` (:func:`take` for either kind of image set).
     """
 
     ndim = 4
     dtype = np.dtype(np.uint8)
 
-    def __init__(self, location: str, rows: np.ndarray, size: tuple[int, int], channels: int, resize: bool):
+    def __init__(self, location: str, rows: np.ndarray, size: tuple[int, int], channels: int, resize: bool,
+                 in_memory_max_bytes: float = 0.0):
         self.location, self.rows = str(location), np.asarray(rows, np.int64)
         self.size, self.channels, self.resize = (int(size[0]), int(size[1])), int(channels), bool(resize)
+        self.in_memory_max_bytes = float(in_memory_max_bytes)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -214,7 +219,8 @@ class ShardedImages:
 
     def view(self, idx) -> "ShardedImages":
         """The view of ``self.rows[idx]`` (never decodes)."""
-        return ShardedImages(self.location, self.rows[idx], self.size, self.channels, self.resize)
+        return ShardedImages(self.location, self.rows[idx], self.size, self.channels, self.resize,
+                             self.in_memory_max_bytes)
 
     def decode(self, rows: np.ndarray) -> np.ndarray:
         """Decode store ``rows`` ((b,) int64) -> (b, H, W, C) uint8, on :func:`decode_threads` threads (Pillow
@@ -239,8 +245,7 @@ class ShardedImages:
             return np.asarray(self[key[0]])[(slice(None),) * (0 if np.ndim(key[0]) == 0 else 1) + key[1:]]
         if np.ndim(key) == 0 and not isinstance(key, slice):
             return self.decode(self.rows[[int(key)]])[0]
-        v = self.view(key)
-        return np.asarray(v) if v.nbytes <= decode_limit() else v
+        return np.asarray(self.view(key))  # a batch; a subset that stays lazy is view(idx) (see take)
 
     def __array__(self, dtype=None, copy=None):
         if self.nbytes > decode_limit():
@@ -274,6 +279,12 @@ class ShardedImages:
     def to_dict(self) -> dict:
         return {"location": self.location, "size": list(self.size), "channels": self.channels,
                 "resize": self.resize}
+
+
+def take(images, idx):
+    """The subset ``idx`` of an image set without decoding it: a lazy view of :class:`ShardedImages`, the
+    indexed rows of an array."""
+    return images.view(idx) if isinstance(images, ShardedImages) else images[idx]
 
 
 MANIFEST = "images.json"

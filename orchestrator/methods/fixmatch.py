@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from orchestrator.data.shards import take
 from orchestrator.graph import run_stage
 from orchestrator.methods.base import Method, MethodResult, register
 from orchestrator.stages.compute import train_flops
@@ -25,7 +26,7 @@ def train(ctx) -> MethodResult:
     unl = ctx.split.unlabeled
     if fm.max_unlabeled and len(unl) > fm.max_unlabeled:
         unl = np.sort(np.random.default_rng([cfg.seed, 23]).choice(unl, fm.max_unlabeled, replace=False))
-    unlabeled = task.train.images[unl]
+    unlabeled = take(task.train.images, unl)  # image shards: a lazy view
     out: dict = {}
 
     def body(_, c):

@@ -15,6 +15,7 @@ import numpy as np
 
 from orchestrator.config import TransferSetConfig
 from orchestrator.data.images import ImageSet, TaskData
+from orchestrator.data.shards import take
 from orchestrator.data.splits import Split
 from orchestrator.registry import Registry
 
@@ -65,7 +66,7 @@ TRANSFER_SETS: Registry[Callable[[TransferContext, TransferSetConfig], TransferS
 def subsample(images: np.ndarray, cfg: TransferSetConfig) -> np.ndarray:
     if cfg.max_images and cfg.max_images < len(images):
         idx = np.sort(np.random.default_rng(cfg.seed).choice(len(images), cfg.max_images, replace=False))
-        return images[idx]
+        return take(images, idx)
     return images
 
 
@@ -79,7 +80,7 @@ def make_transfer_set(images: np.ndarray, source: str, description: str, cfg: Tr
 @TRANSFER_SETS.register("target_unlabeled")
 def target_unlabeled(ctx: TransferContext, cfg: TransferSetConfig) -> TransferSet:
     """The task's unlabeled remainder (train split minus the labeled subset)."""
-    images = subsample(ctx.task.train.images[ctx.split.unlabeled], cfg)
+    images = subsample(take(ctx.task.train.images, ctx.split.unlabeled), cfg)  # image shards: a lazy view
     return make_transfer_set(images, "target_unlabeled", f"{len(images)} unlabeled target-task images", cfg)
 
 

@@ -10,7 +10,7 @@ from orchestrator.data import DataError, load_task_data
 from orchestrator.data.decode import decode_image
 from orchestrator.data.ingest import list_image_folder
 from orchestrator.data.shards import (DECODE_LIMIT_ENV, ImageStore, MaterializationError, ShardedImages,
-                                      open_images, save_images)
+                                      open_images, save_images, take)
 from tests.pools import write_mixed_image_folder
 
 
@@ -89,10 +89,12 @@ def test_a_large_view_refuses_whole_set_decoding_but_decodes_batches(folder, tmp
     per = 32 * 32 * 3
     monkeypatch.setenv(DECODE_LIMIT_ENV, str(10 * per))
     assert images[np.arange(4)].shape == (4, 32, 32, 3)  # a batch decodes
-    big = images[np.arange(20)]
-    assert isinstance(big, ShardedImages)  # a request over the limit stays a view ...
     with pytest.raises(MaterializationError, match="over the decode limit"):
-        np.asarray(big)  # ... and refuses to become one array
+        images[np.arange(20)]  # a request over the limit refuses to become one array ...
+    big = take(images, np.arange(20))
+    assert isinstance(big, ShardedImages)  # ... a subset stays a view ...
+    with pytest.raises(MaterializationError):
+        np.asarray(big)  # ... that cannot be turned into one array either
     with pytest.raises(MaterializationError):
         np.save(tmp_path / "old.npy", images)  # what a whole-array transfer-set entry used to do
     # a lazy set travels to other processes as a manifest of rows, never as pixels
