@@ -54,7 +54,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("data", ("data", "labels"), (), None, _READ),
     Stage("teacher", ("teacher.id", "teacher.model_kwargs")),
     Stage("adapted_teacher", ("teacher",), ("teacher", "data"), "adapted_teacher", _INFERENCE, _teacher_seed),
-    Stage("transfer_set", ("transfer_set",), ("data",)),  # content: the images (pool sources: their manifest)
+    Stage("transfer_set", ("transfer_set",), ("data",), None, ("transfer_set.pool.in_memory_max_mb",
+                                                                "transfer_set.pool.ingest")),  # content: the images (pool sources: their manifest)
     Stage("teacher_outputs", ("distill.teacher_outputs",), ("adapted_teacher", "transfer_set"), "teacher_outputs"),
     Stage("distill", ("student", "distill", "seed"), ("data", "adapted_teacher", "teacher_outputs"), None,
           ("distill.execution",)),  # in process or on a worker group of one: the same steps

@@ -1,7 +1,8 @@
 """Ray Train adapter: student distillation in process or on a TorchTrainer worker group (gloo on CPU, NCCL
 on GPU), as :mod:`orchestrator.ray_adapters.loop_session` decides.
 
-The loop reads the cached transfer images and teacher logits from shared storage (memory-mapped .npy), runs
+The loop reads the cached transfer images (an array, or rows of image shards) and teacher logits from shared
+storage (memory-mapped .npy locally, row by row from a storage URI: nothing is mirrored), runs
 ``stages.distill.distill_epoch`` on its shard, and rank 0 persists the loop's state after every reporting epoch
 (``<storage>/<run name>/kt_state.pt``). Re-running with the same ``name`` and ``storage_path`` resumes from it,
 in any mode.

@@ -33,7 +33,8 @@ class DistillData:
     """What a distillation worker reads.
 
     Attributes:
-        images: (N, H, W, C) uint8 transfer-set images (may be a read-only memmap).
+        images: (N, H, W, C) uint8 transfer-set images: an array, a read-only memmap, or a lazy
+            :class:`~orchestrator.data.shards.ShardedImages` (batches decoded on a prefetch thread).
         teacher_logits: (N, K) float32 cached adapted-teacher logits for the same images, or None with ``teacher``.
         labeled: the labeled subset (used only when ``ce_weight > 0``).
         teacher: online mode: maps a (B, H, W, C) uint8 batch to ((B, K) logits, (B, D) features), float32 on

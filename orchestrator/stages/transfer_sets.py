@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from orchestrator.config import TransferSetConfig
+from orchestrator.config import DatasetConfig, TransferSetConfig
 from orchestrator.data.images import ImageSet, TaskData
 from orchestrator.data.shards import take
 from orchestrator.data.splits import Split
@@ -73,7 +73,9 @@ def subsample(images: np.ndarray, cfg: TransferSetConfig) -> np.ndarray:
 def make_transfer_set(images: np.ndarray, source: str, description: str, cfg: TransferSetConfig) -> TransferSet:
     if len(images) == 0:
         raise ValueError(f"transfer set {source!r} is empty; check transfer_set settings")
-    key = hashlib.sha256(cfg.model_dump_json().encode() + ImageSet(images).content_hash().encode()).hexdigest()[:16]
+    how = {"pool": {"in_memory_max_mb", "ingest"}} if isinstance(cfg.pool, DatasetConfig) else None  # not which
+    key = hashlib.sha256(cfg.model_dump_json(exclude=how).encode() + ImageSet(images).content_hash().encode())
+    key = key.hexdigest()[:16]
     return TransferSet(images, source, description, key)
 
 
