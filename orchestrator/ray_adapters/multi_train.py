@@ -14,7 +14,7 @@ from typing import Callable
 from orchestrator.data.shards import open_array, open_images
 from orchestrator.ray_adapters.loop_session import LoopSession, run_loop
 from orchestrator.ray_adapters.session import quiet_train_worker, say
-from orchestrator.ray_adapters.train import entry_location, ray_ddp  # the same cache references
+from orchestrator.ray_adapters.train import ray_ddp, resolve_ref  # the same cache references
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def load_data(config: dict):
     from orchestrator.data.images import ImageSet
     from orchestrator.stages.multi_distill import MultiDistillData, SourceTargets
 
-    dirs = [entry_location(s["entry"]) for s in config["sources"]]
+    dirs = [resolve_ref(s["entry"], mirror=False) for s in config["sources"]]
     targets = [SourceTargets(s["name"], float(s["weight"]), open_array(d, "pseudo.npy"), open_array(d, "features.npy"))
                for s, d in zip(config["sources"], dirs)]
     lab = config["labeled"]

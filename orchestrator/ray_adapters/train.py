@@ -104,34 +104,24 @@ def _where(session: LoopSession) -> str:
     return "in process" if session.mode == "in_process" else f"a Ray Train worker group of {session.world}"
 
 
-def resolve_ref(ref) -> Path:
-    """A cache reference ``{"storage", "kind", "key"}`` -> this node's copy of the entry (downloaded from a
-    storage URI when needed); a path -> itself."""
+def resolve_ref(ref, mirror: bool = True) -> str | Path:
+    """A cache reference ``{"storage", "kind", "key"[, "file"]}`` -> where this node reads the entry: with
+    ``mirror``, this node's copy (downloaded from a storage URI when needed: a model file); without, the entry's
+    URI on a storage URI (rows are read with ranged reads, nothing is mirrored) or its local directory. A path ->
+    itself. Raises FileNotFoundError when the entry is not complete there."""
     if not isinstance(ref, dict):
         return Path(ref)
     from orchestrator.cache import Cache
+    from orchestrator.storage import is_uri, join
 
-    entry = Cache(ref["storage"]).lookup(ref["kind"], ref["key"])
+    cache = Cache(ref["storage"])
+    entry = cache.lookup(ref["kind"], ref["key"]) if mirror else cache.location(ref["kind"], ref["key"])
     if entry is None:
         raise FileNotFoundError(f"cache entry {ref['kind']}/{ref['key']} is not under {ref['storage']}; "
                                 "this node cannot see the driver's storage (use a storage URI on a cluster)")
-    return entry / ref["file"] if ref.get("file") else entry
-
-
-def entry_location(ref) -> str | Path:
-    """Where a cache reference's files are read from without mirroring them: the entry's URI on a storage URI
-    (workers read rows with ranged reads), else its local directory; a path -> itself. Raises
-    FileNotFoundError when the entry is not complete there."""
-    if not isinstance(ref, dict):
-        return Path(ref)
-    from orchestrator.cache import Cache
-    from orchestrator.storage import is_uri
-
-    loc = Cache(ref["storage"]).location(ref["kind"], ref["key"])
-    if loc is None:
-        raise FileNotFoundError(f"cache entry {ref['kind']}/{ref['key']} is not under {ref['storage']}; "
-                                "this node cannot see the driver's storage (use a storage URI on a cluster)")
-    return loc if is_uri(loc) else Path(loc)
+    if is_uri(str(entry)):
+        return join(str(entry), ref["file"]) if ref.get("file") else str(entry)
+    return Path(entry) / ref["file"] if ref.get("file") else Path(entry)
 
 
 def _inputs(src):
@@ -143,7 +133,7 @@ def _inputs(src):
 
     if isinstance(src, dict) and "kind" in src:
         lab, val = src["labeled"], src.get("val")
-        return (entry_location(src), ImageSet(lab["images"], lab["labels"]),
+        return (resolve_ref(src, mirror=False), ImageSet(lab["images"], lab["labels"]),
                 ImageSet(val["images"], val["labels"]) if val else None)
     d = Path(src)
     lab = np.load(d / "labeled.npz")
