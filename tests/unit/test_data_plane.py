@@ -102,3 +102,29 @@ def test_a_large_view_refuses_whole_set_decoding_but_decodes_batches(folder, tmp
     back = open_images(tmp_path)
     assert isinstance(back, ShardedImages) and np.array_equal(back.rows, images.rows)
     np.testing.assert_array_equal(back[np.arange(3)], images[np.arange(3)])
+
+
+def test_fixmatch_and_simclr_train_from_a_lazy_set_batch_by_batch(folder, tmp_path, monkeypatch):
+    import torch
+
+    from orchestrator.config import FixMatchConfig
+    from orchestrator.models import Preprocess
+    from orchestrator.models.students import create_student
+    from orchestrator.stages.fixmatch import fixmatch_train
+    from orchestrator.stages.pretrain import pretrain_simclr
+    from tests.conftest import TINY_RESNET
+
+    root, _ = folder
+    task = load_task_data(cfg(root, in_memory_max_mb=0), storage=tmp_path)
+    unlabeled = take(task.train.images, np.arange(8, len(task.train)))
+    labeled = task.train.subset(np.arange(8))
+    assert isinstance(unlabeled, ShardedImages)
+    monkeypatch.setenv(DECODE_LIMIT_ENV, str(20 * 32 * 32 * 3))  # batches of 4 (+ 4 x mu) only
+    pre = Preprocess(3, (32, 32), (0.5,) * 3, (0.25,) * 3)
+    torch.manual_seed(0)
+    student = create_student("timm/resnet10t", 3, pre, TINY_RESNET)
+    _, flog = fixmatch_train(student, pre, labeled, unlabeled, FixMatchConfig(steps=3, batch_size=4, mu=2), 0)
+    assert len(flog["loss"]) == 3 and np.isfinite(flog["loss"]).all()
+    losses = pretrain_simclr(create_student("timm/resnet10t", 0, pre, TINY_RESNET), student.num_features, unlabeled,
+                             pre, epochs=1, batch_size=8, lr=1e-3, weight_decay=0.0, temperature=0.2, proj_dim=16)
+    assert len(losses) == 1 and np.isfinite(losses[0])
