@@ -210,7 +210,7 @@ def run_size(n: int, store: Path, px: int, ckpt: Path, args, work: Path) -> list
     wall, rss, _ = timed(dl_teacher)
     row("teacher", "dataloader", wall, rss)
 
-    cfg = DistillConfig(epochs=1, steps=None, batch_size=args.batch_size, lr=1e-3, ce_weight=0.0)
+    cfg = DistillConfig(epochs=1, steps=None, batch_size=args.batch_size, lr=1e-3, ce_weight=0.0, augment=False)
     pre = Preprocess(3, (args.model_px, args.model_px), (0.5,) * 3, (0.25,) * 3)
 
     def student():

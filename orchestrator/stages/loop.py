@@ -48,25 +48,54 @@ def model_input(images: np.ndarray, idx: np.ndarray, preprocess: Preprocess, aug
     return preprocess.from_unit(x)
 
 
+class _Batches:
+    """A map-style dataset whose keys are whole batches: ``ds[idx]`` -> the decoded (b, H, W, C) uint8 images."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __getitem__(self, idx: np.ndarray) -> np.ndarray:
+        return np.asarray(self.images[idx])
+
+
+def decode_workers() -> int:
+    """Processes that decode a lazy set's batches ahead of training (``$KT_DECODE_WORKERS``); 0 (the default)
+    decodes on a thread of this process, on :func:`~orchestrator.data.shards.decode_threads` threads (Pillow
+    releases the GIL while it decodes): on 2 cores at 224 px, 810 images/s against 636 with 2 DataLoader worker
+    processes, and 190 MiB of extra resident memory against 700 (benchmarks/data_plane.py, 3,000 images). Set
+    it for a training step that holds the GIL (tiny models on many cores)."""
+    import os
+
+    return max(0, int(os.environ.get("KT_DECODE_WORKERS", 0)))
+
+
 def prefetched(images, batches: Iterable[np.ndarray], depth: int = 2) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``(idx, images[idx])`` for each batch of indices, as (b,) int64 and (b, H, W, C) uint8. A lazy image set
-    (image shards) decodes up to ``depth`` batches ahead on a background thread while the caller trains; an
-    array is indexed in place."""
+    """``(idx, images[idx])`` for each batch of indices, in the given order, as (b,) int64 and (b, H, W, C)
+    uint8. A lazy image set (image shards) is decoded ``depth`` batches ahead on a background thread, or (with
+    :func:`decode_workers` > 0) by a ``torch.utils.data.DataLoader`` whose keys are the batches themselves
+    (worker processes, which do not share the training loop's GIL); an array is indexed in place."""
     if isinstance(images, np.ndarray):
         for idx in batches:
             yield idx, images[idx]
         return
-    from concurrent.futures import ThreadPoolExecutor
+    batches = list(batches)
+    workers = decode_workers()
+    if workers == 0:
+        from concurrent.futures import ThreadPoolExecutor
 
-    it = iter(batches)
-    with ThreadPoolExecutor(1, thread_name_prefix="kt-prefetch") as ex:
-        queue = deque((idx, ex.submit(lambda i=idx: np.asarray(images[i]))) for idx in islice(it, depth))
-        while queue:
-            idx, fut = queue.popleft()
-            nxt = next(it, None)
-            if nxt is not None:
-                queue.append((nxt, ex.submit(lambda i=nxt: np.asarray(images[i]))))
-            yield idx, fut.result()
+        it = iter(batches)
+        with ThreadPoolExecutor(1, thread_name_prefix="kt-prefetch") as ex:
+            queue = deque((idx, ex.submit(_Batches(images).__getitem__, idx)) for idx in islice(it, depth))
+            while queue:
+                idx, fut = queue.popleft()
+                nxt = next(it, None)
+                if nxt is not None:
+                    queue.append((nxt, ex.submit(_Batches(images).__getitem__, nxt)))
+                yield idx, fut.result()
+        return
+    loader = torch.utils.data.DataLoader(_Batches(images), batch_size=None, sampler=batches, num_workers=workers,
+                                         prefetch_factor=depth, collate_fn=lambda x: x)
+    yield from zip(batches, loader)
 
 
 def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:

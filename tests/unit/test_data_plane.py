@@ -128,3 +128,17 @@ def test_fixmatch_and_simclr_train_from_a_lazy_set_batch_by_batch(folder, tmp_pa
     losses = pretrain_simclr(create_student("timm/resnet10t", 0, pre, TINY_RESNET), student.num_features, unlabeled,
                              pre, epochs=1, batch_size=8, lr=1e-3, weight_decay=0.0, temperature=0.2, proj_dim=16)
     assert len(losses) == 1 and np.isfinite(losses[0])
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_prefetched_batches_come_in_plan_order_on_a_thread_or_a_dataloader(folder, tmp_path, monkeypatch, workers):
+    from orchestrator.stages.loop import prefetched
+
+    root, _ = folder
+    images = load_task_data(cfg(root, in_memory_max_mb=0), storage=tmp_path).train.images
+    monkeypatch.setenv("KT_DECODE_WORKERS", workers)
+    plan = [np.array([5, 1, 9]), np.array([0, 2]), np.array([7, 3, 4, 8])]
+    got = list(prefetched(images, plan))
+    assert [list(i) for i, _ in got] == [list(b) for b in plan]
+    for idx, batch in got:
+        np.testing.assert_array_equal(np.asarray(batch), images[idx])
