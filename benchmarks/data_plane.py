@@ -22,6 +22,7 @@ with psutil. Results are appended to ``--out`` as JSON lines.
 
     python benchmarks/data_plane.py --sizes 25000,100000,200000      # about 40 min on 2 cores
     python benchmarks/data_plane.py --sizes 2000,8000 --px 128       # a quick look (2 min)
+    python benchmarks/data_plane.py --sizes "" --folder-sizes 4000,16000   # only `kt run` on ImageFolders
 """
 from __future__ import annotations
 
@@ -306,8 +307,9 @@ def main():
     import subprocess
 
     t0 = time.perf_counter()
-    build_pool(root, max(sizes), args.px)
-    tiny_teacher(root / "teacher.pt", args.model_px)
+    if sizes:
+        build_pool(root, max(sizes), args.px)
+        tiny_teacher(root / "teacher.pt", args.model_px)
     rows = []
     for n in sizes:  # each size in a fresh process (and a fresh local Ray): its peaks are its own
         p = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--only", str(n)], text=True,

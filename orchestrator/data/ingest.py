@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -139,10 +140,25 @@ Runner = Callable[[FolderListing, Callable[[dict], dict], int], Iterable[dict]]
 
 
 def in_process(listing: FolderListing, fn: Callable[[dict], dict], batch_size: int) -> Iterator[dict]:
-    """Run ``fn`` over the listing's files in batches of ``batch_size``, in this process."""
-    for s in range(0, len(listing.paths), batch_size):
-        yield fn({"row": np.arange(s, min(s + batch_size, len(listing.paths))),
-                  "path": listing.paths[s:s + batch_size]})
+    """Run ``fn`` over the listing's files in batches of ``batch_size``, in this process, on
+    :func:`~orchestrator.data.shards.decode_threads` threads (Pillow releases the GIL while it decodes), in
+    order; at most twice as many batches in flight as threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from orchestrator.data.shards import decode_threads
+
+    starts = iter(range(0, len(listing.paths), batch_size))
+
+    def batch(s: int) -> dict:
+        return fn({"row": np.arange(s, min(s + batch_size, len(listing.paths))), "path": listing.paths[s:s + batch_size]})
+
+    threads = decode_threads()
+    with ThreadPoolExecutor(threads, thread_name_prefix="kt-ingest") as ex:
+        pending = [ex.submit(batch, s) for s in islice(starts, 2 * threads)]
+        while pending:
+            done = pending.pop(0).result()
+            pending += [ex.submit(batch, s) for s in islice(starts, 1)]
+            yield done
 
 
 def unreadable_error(root: Path, errors: list[str]) -> DataError:

@@ -11,7 +11,7 @@ from tests.pools import write_mixed_image_folder
 pytestmark = pytest.mark.ray
 
 
-def test_ray_data_ingest_equals_in_process_and_lists_every_bad_file(local_ray, tmp_path, fmnist):
+def test_ray_data_ingest_equals_in_process_and_lists_every_bad_file(local_ray, tmp_path, fmnist, monkeypatch):
     from orchestrator.ray_adapters.ingest import ray_data_runner, use_ray_data
 
     root = tmp_path / "task"
@@ -24,6 +24,9 @@ def test_ray_data_ingest_equals_in_process_and_lists_every_bad_file(local_ray, t
     ray_view, local_view = (ShardedImages(str(tmp_path / d), rows, (32, 32), 3, True) for d in ("ray", "local"))
     np.testing.assert_array_equal(ray_view.materialize(), local_view.materialize())
     assert use_ray_data("auto", 20_000) and not use_ray_data("auto", 19_999) and use_ray_data("ray_data", 1)
+    assert not use_ray_data("in_process", 10**6)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # alone on one machine: the in-process threads
+    assert not use_ray_data("auto", 10**6)
 
     for p in (root / "train" / "a" / "bad1.png", root / "test" / "b" / "bad2.jpg"):
         p.write_bytes(b"\x89PNG truncated")
