@@ -39,7 +39,7 @@ demo-retrieval: setup
 	$(BIN)/kt make-demo-pool $(TASK)
 	$(BIN)/kt run tasks/fashion_mnist_retrieval.yaml
 
-# a user-style ImageFolder task: the digits 0-9 rendered in the machine's fonts (orchestrator/demo_tasks.py)
+# a user-style ImageFolder task: the digits 0-9 rendered in the machine's fonts (orchestrator/demo/tasks.py)
 demo-font-digits: setup
 	$(BIN)/kt make-font-digits
 	$(BIN)/kt run tasks/font_digits.yaml

@@ -4,7 +4,7 @@ student worse than training on the labels alone").
 
 Tasks: ``fashion_mnist`` (1% labels), ``mnist`` (10 per class), ``font_digits`` (an ImageFolder of the digits
 0-9 rendered in the machine's fonts, 10 per class; built into the storage by ``build_font_digits``). Each
-(task, seed) is one whole ``kt run`` (``orchestrator.pipeline.run``: MLflow tracking, Ray Train distillation,
+(task, seed) is one whole ``kt run`` (``orchestrator.commands.run.run``: MLflow tracking, Ray Train distillation,
 the exported student) with the task file's defaults; only ``seed`` varies (the labeled split, ``labels.seed``,
 and the adapted teacher, ``teacher.seed: 0``, are the same for every seed, as ``kt compare`` pins them).
 
@@ -39,11 +39,11 @@ COLUMNS = (("teacher", "teacher_top1"), ("distilled", "distilled_top1"), ("final
 def run_task_seed(name: str, seed: int, storage: Path, extra: list[str]) -> dict:
     """One ``kt run`` of ``tasks/<name>.yaml`` at ``seed``; returns its row (top-1s in [0, 1], seconds)."""
     from orchestrator.config import load_config
-    from orchestrator.pipeline import run
+    from orchestrator.commands.run import run
 
     over = [f"storage={storage}", f"seed={seed}", "teacher.seed=0", f"tracking.experiment=recipe_{name}", *extra]
     if name == "font_digits":
-        from orchestrator.demo_tasks import build_font_digits
+        from orchestrator.demo.tasks import build_font_digits
 
         root = storage / "data" / "font_digits"
         build_font_digits(root)

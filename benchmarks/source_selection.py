@@ -55,8 +55,8 @@ def run_one(cfg, task, split, dcomp):
 
     from orchestrator.cache import Cache
     from orchestrator.methods.common import stage_data
-    from orchestrator.pipeline import run_method
-    from orchestrator.preflight import preflight
+    from orchestrator.commands.run import run_method
+    from orchestrator.methods.preflight import preflight
     from orchestrator.run_context import Ctx
     from orchestrator.tracking import NullTracker
 
@@ -74,7 +74,7 @@ def run_one(cfg, task, split, dcomp):
 def bench_task(name: str, seeds: list[int], overrides: list[str], distill_actual: bool) -> dict:
     from orchestrator.config import PipelineConfig, load_config
     from orchestrator.methods.common import load_data
-    from orchestrator.source_ranking import rank_sources
+    from orchestrator.commands.rank_sources import rank_sources
 
     yaml = ROOT / "tasks" / f"{name}.yaml"
     t0 = time.perf_counter()

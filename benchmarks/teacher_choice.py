@@ -70,7 +70,7 @@ def main() -> None:
     from orchestrator.config import load_config
     from orchestrator.models import load_teacher
     from orchestrator.models.teachers import save_model_checkpoint
-    from orchestrator.pipeline import load_data
+    from orchestrator.commands.run import load_data
     from orchestrator.stages.adapt_teacher import adapt_teacher
     from orchestrator.stages.evaluate import evaluate
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from orchestrator.config import PipelineConfig
-    from orchestrator.pipeline import RunResult
+    from orchestrator.commands.run import RunResult
 
 __all__ = ["run", "sweep", "compare", "rank_sources", "submit", "predict", "export", "register", "load_config",
            "PipelineConfig"]
@@ -40,7 +40,7 @@ def run(config: "str | Path | dict[str, Any] | PipelineConfig", overrides: list[
     """
     from orchestrator.config import load_config as _load
     from orchestrator.config import resolve_config
-    from orchestrator.pipeline import run as _run
+    from orchestrator.commands.run import run as _run
 
     if isinstance(config, (str, Path)):
         cfg = _load(config, overrides, smoke)
@@ -89,7 +89,7 @@ def submit(command: list[str], address: str | None = None, working_dir: str | Pa
 
 def predict(model: str | Path, inputs: list[str | Path], out: str | Path | None = None, batch_size: int = 64,
             storage: str | Path = "kt_runs", tracking_uri: str | None = None):
-    """Classify image files with a trained student (as ``kt predict``; see :func:`orchestrator.prediction.predict`).
+    """Classify image files with a trained student (as ``kt predict``; see :func:`orchestrator.commands.predict.predict`).
 
     Args:
         model: a run or trial directory, ``models:/name/version`` or an ``.onnx`` file. inputs: files/folders.
@@ -99,7 +99,7 @@ def predict(model: str | Path, inputs: list[str | Path], out: str | Path | None 
     Raises:
         DeployError: no student there, an unknown model URI, an empty folder; InputShapeError: a foreign ONNX.
     """
-    from orchestrator.prediction import predict as _predict
+    from orchestrator.commands.predict import predict as _predict
 
     return _predict(model, inputs, out, batch_size, storage, tracking_uri)
 
@@ -108,7 +108,7 @@ def export(source: str | Path, format: str = "onnx", out: str | Path | None = No
            storage: str | Path = "kt_runs") -> Path:
     """Export a trained student as onnx, torchscript or state_dict (as ``kt export``); returns the file.
     Raises DeployError (no student, unknown format, ONNX that does not match PyTorch)."""
-    from orchestrator.deploy import export as _export
+    from orchestrator.commands.deploy import export as _export
 
     return _export(source, format, out, trial, storage)
 
@@ -125,7 +125,7 @@ def register(source: str | Path, trial: str | None = None, budget: float | None 
     Raises:
         DeployError: no student there (failed, stopped or unfinished), an unknown trial, nothing within budget.
     """
-    from orchestrator.deploy import register as _register
+    from orchestrator.commands.deploy import register as _register
 
     return _register(source, trial, budget, name, storage, tracking_uri)
 
@@ -133,10 +133,10 @@ def register(source: str | Path, trial: str | None = None, budget: float | None 
 def compare(task: str | Path, methods: list[str] | None = None, seeds: list[int] | None = None,
             overrides: list[str] | None = None, smoke: bool = False):
     """`kt compare`: every method in ``methods`` (default: those the task can run) x every seed in ``seeds``
-    (default 0, 1, 2) on one task, tracked in MLflow; returns ``orchestrator.comparison.CompareResult`` (rows,
+    (default 0, 1, 2) on one task, tracked in MLflow; returns ``orchestrator.commands.compare.CompareResult`` (rows,
     per-method summary: test top-1 mean/std, transfer FLOPs and device-seconds). Raises ConfigError /
     UnknownNameError / ModelLoadError / DataError before any training."""
-    from orchestrator.comparison import compare as _compare
+    from orchestrator.commands.compare import compare as _compare
 
     return _compare(task, methods, seeds, overrides, smoke)
 
@@ -145,8 +145,8 @@ def rank_sources(task, overrides: list[str] | None = None, smoke: bool = False, 
                  distill: bool = False, metrics: list[str] | None = None):
     """`kt rank-sources` (paper 2): score every source of the task's zoo with every similarity metric; with
     ``evaluate`` also each source's actual transfer top-1 and each ranking's Kendall tau, Spearman rho and
-    top-1 regret. Returns ``orchestrator.source_ranking.RankResult``; see :func:`orchestrator.source_ranking.rank_sources`."""
-    from orchestrator.source_ranking import rank_sources as _rank
+    top-1 regret. Returns ``orchestrator.commands.rank_sources.RankResult``; see :func:`orchestrator.commands.rank_sources.rank_sources`."""
+    from orchestrator.commands.rank_sources import rank_sources as _rank
 
     return _rank(task, overrides, smoke, evaluate, distill, metrics)
 

@@ -21,10 +21,13 @@ class Registry(Generic[T]):
 
     Args:
         kind: human-readable kind ("teacher backend", "transfer-set source", ...), used in error messages.
+        group: an entry-point group (``pyproject.toml``'s ``[project.entry-points."<group>"]``) whose entries
+            are loaded on first use: plug-ins that live outside the core (e.g. the offline demo material),
+            which the core then never imports by name.
     """
 
-    def __init__(self, kind: str):
-        self.kind = kind
+    def __init__(self, kind: str, group: str | None = None):
+        self.kind, self.group = kind, group
         self._items: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -40,12 +43,20 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         """Return the plug-in under ``name``. Raises UnknownNameError naming the valid choices."""
+        if name not in self._items and self.group:
+            self._load_entry_points()
         try:
             return self._items[name]
         except KeyError:
             raise UnknownNameError(
                 f"unknown {self.kind} {name!r}; valid choices: {', '.join(sorted(self._items)) or '(none)'}"
             ) from None
+
+    def _load_entry_points(self) -> None:
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group=self.group):
+            self._items.setdefault(ep.name, ep.load())
 
     def names(self) -> list[str]:
         """Sorted registered names."""

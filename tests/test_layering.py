@@ -9,13 +9,14 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "orchestrator"
 
-# group (a subpackage or top-level module of orchestrator) -> the groups it may import
-CONFIG = {"config", "config_base", "config_training", "config_methods"}
-FOUNDATION = {"registry", "ids", "storage", "cache"} | CONFIG
+# group (a subpackage or top-level module of orchestrator) -> the groups it may import. The layers, bottom up:
+# foundation (registry, ids, storage, cache, config) -> data -> models -> stages -> {ray_adapters, tracking,
+# run_context, graph, similarity, zoo} -> {transfer_sets} -> methods -> sweeps -> commands -> cli; demo/ beside
+# commands, imported only by the entry points (cli, the package's __init__): the core never imports it.
+FOUNDATION = {"registry", "ids", "storage", "cache", "config"}
 ALLOWED = {
     "registry": set(), "ids": set(), "storage": set(), "cache": {"storage"}, "progress": set(),
-    "config_base": set(), "config_training": {"config_base"}, "config_methods": {"config_base", "config_training"},
-    "config": {"storage", "config_base", "config_training", "config_methods"},
+    "config": {"storage"},
     "data": {"config", "registry", "storage", "cache"},  # image shards live in the cache, on a URI or a path
     "models": {"data", "ids", "registry", "config"},
     "stages": FOUNDATION | {"data", "models"},
@@ -24,27 +25,15 @@ ALLOWED = {
     "ray_adapters": FOUNDATION | {"data", "models", "stages", "tracking"},
     "run_context": FOUNDATION | {"data", "stages"},
     "graph": FOUNDATION | {"run_context", "stages", "progress"},
-    "retrieval": FOUNDATION | {"data", "models", "stages", "ray_adapters"},
-    "transfer": FOUNDATION | {"data", "stages", "retrieval"},
-    "standin": FOUNDATION | {"data", "models", "stages"},
-    "demo_sources": set(),  # the demo pool's real offline images (fonts, icons, photos, digits)
-    "demo_pool": FOUNDATION | {"data", "stages", "demo_sources"},
     "zoo": FOUNDATION | {"data", "models", "stages"},
-    "demo_tasks": FOUNDATION | {"data", "zoo"},  # offline target tasks written as ImageFolders
-    "methods": FOUNDATION | {"data", "models", "stages", "ray_adapters", "graph", "run_context", "retrieval",
-                             "transfer", "standin", "similarity", "zoo"},
-    # paper 2's `kt rank-sources` (the methods' per-source stages, the metrics, MLflow through tracking)
-    "source_ranking": FOUNDATION | {"data", "methods", "pipeline", "preflight", "run_context", "similarity", "tracking", "zoo",
-                                    "models"},
-    "preflight": FOUNDATION | {"data", "models", "methods", "transfer"},
-    "pipeline": FOUNDATION | {"models", "methods", "preflight", "run_context", "tracking"},
-    "comparison": FOUNDATION | {"methods", "pipeline", "preflight", "run_context", "tracking"},
-    "sweeps": FOUNDATION | {"models", "stages", "methods", "preflight", "ray_adapters", "run_context", "tracking"},
-    "deploy": FOUNDATION | {"models", "sweeps", "tracking"},
-    "prediction": FOUNDATION | {"data", "deploy", "models", "tracking"},
-    "report": {"sweeps"},
+    "transfer_sets": FOUNDATION | {"data", "models", "stages", "ray_adapters"},
+    "methods": FOUNDATION | {"data", "models", "stages", "ray_adapters", "graph", "run_context", "transfer_sets",
+                             "similarity", "zoo"},
+    "sweeps": FOUNDATION | {"models", "stages", "methods", "ray_adapters", "run_context", "tracking"},
+    "commands": FOUNDATION | {"data", "models", "methods", "run_context", "similarity", "sweeps", "tracking", "zoo"},
+    "demo": FOUNDATION | {"data", "models", "stages", "zoo"},  # offline demo material (found via entry points)
 }
-TOP = {"cli", "cli_common", "cli_jobs", "__init__"}  # the entry points may import anything
+TOP = {"cli", "__init__"}  # the entry points may import anything
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -114,27 +103,46 @@ def test_no_import_cycles():
     assert not found, f"import cycles between modules: {found}"
 
 
-def test_every_package_edge_is_allowed():
+def against_layering(graph: dict[str, set[str]]) -> list[str]:
+    """The edges of ``graph`` that the layering table forbids, as ``"a -> b"``."""
     bad = []
-    for mod, deps in import_graph(PKG).items():
+    for mod, deps in graph.items():
         g = group(mod)
         if g in TOP:
             continue
         assert g in ALLOWED, f"{mod}: package {g!r} is not in the layering table of tests/test_layering.py"
         bad += [f"{mod} -> {d}" for d in deps if group(d) != g and group(d) not in ALLOWED[g]]
+    return bad
+
+
+def test_every_package_edge_is_allowed():
+    bad = against_layering(import_graph(PKG))
     assert not bad, "imports against the layering (an adapter or stage reaching above itself?):\n" + "\n".join(bad)
 
 
-def test_the_checks_fail_on_a_planted_cycle_and_a_planted_upward_edge(tmp_path):
+def test_the_core_never_imports_demo():
+    graph = import_graph(PKG)
+    assert any(group(m) == "demo" for m in graph), "orchestrator/demo/ holds the offline demo material"
+    users = sorted(m for m, deps in graph.items() if group(m) not in TOP | {"demo"}
+                   and any(group(d) == "demo" for d in deps))
+    assert not users, f"the core imports orchestrator.demo (find it through an entry point instead): {users}"
+
+
+def test_the_checks_fail_on_a_planted_cycle_and_planted_violations(tmp_path):
     pkg = tmp_path / "orchestrator"
-    (pkg / "stages").mkdir(parents=True)
+    for sub in ("stages", "commands", "methods", "demo"):
+        (pkg / sub).mkdir(parents=True)
+        (pkg / sub / "__init__.py").write_text("")
     (pkg / "__init__.py").write_text("")
-    (pkg / "stages" / "__init__.py").write_text("")
-    (pkg / "stages" / "a.py").write_text("def f():\n    from orchestrator.pipeline import g\n")
-    (pkg / "pipeline.py").write_text("from orchestrator.stages import a\n")
+    (pkg / "stages" / "a.py").write_text("def f():\n    from orchestrator.commands.run import g\n")
+    (pkg / "commands" / "run.py").write_text("from orchestrator.stages import a\n")
+    (pkg / "demo" / "standin.py").write_text("")
+    (pkg / "methods" / "common.py").write_text("def f():\n    from orchestrator.demo.standin import x\n")
     graph = import_graph(pkg)
-    assert cycles(graph) == [["orchestrator.pipeline", "orchestrator.stages.a"]]
-    assert "pipeline" not in ALLOWED[group("orchestrator.stages.a")]
+    assert cycles(graph) == [["orchestrator.commands.run", "orchestrator.stages.a"]]
+    bad = against_layering(graph)
+    assert "orchestrator.stages.a -> orchestrator.commands.run" in bad  # a stage reaching up
+    assert "orchestrator.methods.common -> orchestrator.demo.standin" in bad  # the core importing the demo
 
 
 def _third_party(path: Path) -> set[str]:

@@ -1,4 +1,5 @@
-"""Task data: image sets in memory, dataset loaders, labeled/unlabeled splits."""
+"""The data plane: image sets (arrays or lazy views of image shards), loaders, ingest, shards, decode, splits.
+Imports: config, registry, storage, cache."""
 from orchestrator.data.images import ImageSet, TaskData
 from orchestrator.data.errors import DataError, SplitError
 from orchestrator.data.loaders import load_task_data

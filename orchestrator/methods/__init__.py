@@ -1,5 +1,8 @@
-"""Methods (a plug-in kind): each a short composition of the shared stages of :mod:`orchestrator.methods.common`
-and :mod:`orchestrator.methods.student_stages`, selected by ``method:`` in the config (default
+"""Methods (a plug-in kind), each a short composition of shared stages carrying its own preflight check.
+Imports: transfer_sets, graph, run_context, ray_adapters, stages, models, data, similarity, zoo, foundation.
+
+Each method composes the shared stages of :mod:`orchestrator.methods.common` and
+:mod:`orchestrator.methods.student_stages`, selected by ``method:`` in the config (default
 ``task_oriented``) or swept as a ``choice`` dimension.
 
 Paper 1 (Vemulapalli et al., ICML 2024, arXiv 2311.18237) and the baselines it compares against:

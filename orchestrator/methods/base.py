@@ -32,6 +32,8 @@ class Method:
             beyond training a student on the labels, as paper 1 accounts pretraining compute).
         needs_sources: distils from a source zoo (``sources.zoo`` or ``sources.demo``); ``kt compare`` leaves
             such methods out of its default list when the task configures no zoo.
+        checks: the method's own cheap preflight checks, each ``fn(cfg)`` raising a clear error before any heavy
+            work (run by :meth:`check`, which :func:`orchestrator.methods.preflight.preflight` calls).
     """
 
     name: str
@@ -42,6 +44,12 @@ class Method:
     uses_teacher: bool
     transfer_stages: tuple[str, ...]
     needs_sources: bool = False
+    checks: tuple[Callable, ...] = ()
+
+    def check(self, cfg) -> None:
+        """Run this method's preflight checks on ``cfg`` (a PipelineConfig); raises what they raise."""
+        for fn in self.checks:
+            fn(cfg)
 
     def applicable(self, cfg) -> bool:
         """Whether ``cfg`` (a PipelineConfig) supplies what this method needs (a source zoo, if it needs one)."""
@@ -49,6 +57,9 @@ class Method:
 
 
 METHODS: Registry[Method] = Registry("method")
+# builders of offline demo material the core asks for by name, registered by the demo package as entry points
+# (pyproject.toml, group kt.builders): "standin" (the SimCLR stand-in teacher), "demo_zoo" (paper 2's demo zoo)
+BUILDERS: Registry[Callable] = Registry("demo builder", group="kt.builders")
 
 
 def register(method: Method) -> Method:

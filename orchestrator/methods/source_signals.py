@@ -60,9 +60,9 @@ def zoo_of(cfg: PipelineConfig):
 
     s = cfg.sources
     if s.demo:
-        from orchestrator.zoo.build import build_demo_zoo
+        from orchestrator.methods.base import BUILDERS
 
-        zoo = build_demo_zoo(s.demo_storage or cfg.storage_path(), cfg.name, limit=s.demo_limit)
+        zoo = BUILDERS.get("demo_zoo")(s.demo_storage or cfg.storage_path(), cfg.name, limit=s.demo_limit)
     elif isinstance(s.zoo, str):
         zoo = load_zoo(s.zoo)
     elif s.zoo:
@@ -79,7 +79,7 @@ def zoo_of(cfg: PipelineConfig):
 
 
 def check_config(cfg: PipelineConfig) -> None:
-    """Cheap checks before any heavy work (called by :func:`orchestrator.preflight.preflight`): the metric is
+    """Cheap checks before any heavy work (called by :func:`orchestrator.methods.preflight.preflight`): the metric is
     registered, the zoo resolves (names unique), every id parses and every checkpoint file exists, and
     ``distill_weighted``/``uniform_weights`` have at least two sources.
 

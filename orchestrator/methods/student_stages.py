@@ -164,7 +164,7 @@ def stage_random_control(ctx: Ctx, size: int) -> float:
     """Retrieval's control arm: distill the same student on a same-size random sample of the same pool (same
     seed, same run) and evaluate it. Returns its top-1."""
     from orchestrator.methods.common import stage_teacher_outputs, transfer_context
-    from orchestrator.retrieval import random_pool_sample
+    from orchestrator.transfer_sets.retrieval import random_pool_sample
 
     from orchestrator.stages.compute import Meter
 

@@ -1,4 +1,5 @@
-"""Task-similarity / transferability metrics for choosing and weighting source models.
+"""Task-similarity / transferability metrics (LogME, LEEP, NCE, H-score, GBC, kNN, linear probe), a registry.
+Imports: registry only.
 
 Borup et al., ICCV 2023 (arXiv 2304.12314), "Distilling from Similar Tasks for Transfer Learning on a
 Budget": score each source model on the labeled target images with a task-similarity metric, then distill

@@ -1,1 +1,2 @@
-"""Pipeline stages: plain functions of typed configs and arrays, no Ray and no MLflow imports."""
+"""Ray-free steps: plain functions of typed configs and image sets (adapt, teacher outputs, distill, ...).
+Imports: data, models and the foundation; no Ray, no MLflow."""

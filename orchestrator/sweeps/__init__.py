@@ -1,1 +1,2 @@
-"""Hyper-parameter sweeps (Ray Tune + Optuna) and their results: Pareto fronts, CSV, plots."""
+"""Hyper-parameter sweeps (Ray Tune + Optuna): search spaces, driver, trial, Pareto fronts, CSV, plots.
+Imports: methods, stages, models, ray_adapters, run_context, tracking and the foundation."""

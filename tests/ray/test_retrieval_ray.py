@@ -11,11 +11,11 @@ import pytest
 from orchestrator.cache import Cache
 from orchestrator.config import PoolConfig, RetrievalConfig, TransferSetConfig
 from orchestrator.data import make_split
-from orchestrator.retrieval import load_manifest, random_pool_sample
+from orchestrator.transfer_sets.retrieval import load_manifest, random_pool_sample
 from orchestrator.stages.embed import shard_paths
 from orchestrator.stages.pools import list_shards
-from orchestrator.stages.transfer_sets import TransferContext
-from orchestrator.transfer import build_transfer_set
+from orchestrator.transfer_sets.base import TransferContext
+from orchestrator.transfer_sets.pools import build_transfer_set
 from tests.conftest import ROOT, TINY_RESNET
 from tests.pools import mixed_pool_images, write_webdataset
 

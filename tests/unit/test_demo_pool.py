@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from orchestrator.demo_pool import DOMAINS, PoolError, allocate, build_demo_pool
+from orchestrator.demo.pool import DOMAINS, PoolError, allocate, build_demo_pool
 
 
 @pytest.fixture(scope="module")

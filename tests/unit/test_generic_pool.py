@@ -5,11 +5,11 @@ import pytest
 from orchestrator.config import ConfigError, DatasetConfig, PoolConfig, TransferSetConfig, resolve_config
 from orchestrator.data import make_split
 from orchestrator.data.loaders import DataError
-from orchestrator.retrieval import fetch_images
+from orchestrator.transfer_sets.retrieval import fetch_images
 from orchestrator.stages.embedding_io import split_id
 from orchestrator.stages.pools import count_records, iter_records, list_shards, sample_pool_ids
-from orchestrator.stages.transfer_sets import TransferContext
-from orchestrator.transfer import build_transfer_set
+from orchestrator.transfer_sets.base import TransferContext
+from orchestrator.transfer_sets.pools import build_transfer_set
 from tests.pools import mixed_pool_images, write_image_dir, write_parquet, write_webdataset
 
 PER_SHARD = 50
@@ -77,7 +77,7 @@ def test_generic_pool_skips_corrupt_records(tmp_path, ctx, pool_data, caplog):
     cfg = _cfg(tmp_path)
     shards = list_shards(cfg.pool)
     assert [count_records(s, cfg.pool) for s in shards] == [PER_SHARD] * 6  # corrupt records keep their row
-    with caplog.at_level("WARNING", logger="orchestrator.retrieval"):
+    with caplog.at_level("WARNING", logger="orchestrator.transfer_sets.retrieval"):
         ts = build_transfer_set(ctx, cfg)
     assert len(ts) == 298 and ts.info["bad_images"] == 2.0 and ts.info["pool_images"] == 300.0
     assert "skipped 2 of 300 images" in caplog.text

@@ -20,7 +20,7 @@ def test_every_paper_1_method_is_registered_with_its_source():
 
 
 def test_an_unknown_method_fails_in_preflight_naming_the_choices():
-    from orchestrator.preflight import preflight
+    from orchestrator.methods.preflight import preflight
 
     with pytest.raises(UnknownNameError, match="unknown method 'distill_everything'; valid choices: distill_nearest"):
         preflight(resolve_config({"name": "t", "method": "distill_everything"}))
@@ -68,7 +68,7 @@ def test_a_teacher_free_sweep_prepares_no_teacher_and_its_trial_trains_the_metho
 
 
 def test_compare_leaves_out_the_zoo_methods_unless_the_task_has_a_zoo():
-    from orchestrator.comparison import default_methods
+    from orchestrator.commands.compare import default_methods
 
     plain = default_methods(load_config(TASK, smoke=True))
     assert plain[:3] == ["task_oriented", "task_agnostic", "ssl_pretrain"] and "fixmatch" in plain

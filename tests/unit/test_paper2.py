@@ -63,8 +63,8 @@ def _run(cfg):
     """Preflight + one method run in-process with a NullTracker; returns the Ctx."""
     from orchestrator.cache import Cache
     from orchestrator.methods.common import load_data, stage_data
-    from orchestrator.pipeline import run_method
-    from orchestrator.preflight import preflight
+    from orchestrator.commands.run import run_method
+    from orchestrator.methods.preflight import preflight
     from orchestrator.run_context import Ctx
     from orchestrator.tracking import NullTracker
 
@@ -155,7 +155,7 @@ def test_strong_view_keeps_shape_and_range():
 
 def test_bad_inputs_fail_before_heavy_work_naming_the_fix(tmp_path, zoo, calls):
     from orchestrator.models.teachers import ModelLoadError
-    from orchestrator.preflight import preflight
+    from orchestrator.methods.preflight import preflight
     from orchestrator.registry import UnknownNameError
     from orchestrator.similarity import SimilarityError
 

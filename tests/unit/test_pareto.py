@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
-from orchestrator.report import print_sweep
+from orchestrator.commands.report import print_sweep
 from orchestrator.sweeps.pareto import (COSTS, best_per_budget, pareto_front, plot_pareto, trial_label,
                                        varying_params, write_trials_csv)
 

@@ -112,7 +112,7 @@ def test_imagenet_initialised_student_on_a_grayscale_task(fmnist):
 
 def test_retrieval_embedder_by_id_with_its_input_size():
     from orchestrator.config import RetrievalConfig
-    from orchestrator.retrieval import embedder_for
+    from orchestrator.transfer_sets.retrieval import embedder_for
 
     base = {"pool": {"root": "/pool"}, "k": 3, "embedder": "pypi/efficientnet_lite0"}
     plain = embedder_for(RetrievalConfig(**base), "timm/resnet18", "teacher-key", {})

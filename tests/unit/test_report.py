@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from orchestrator.report import finetune_line, print_run, print_sweep_dir, serve_command
+from orchestrator.commands.report import finetune_line, print_run, print_sweep_dir, serve_command
 from orchestrator.run_context import RunResult
 
 

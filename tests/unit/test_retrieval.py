@@ -4,7 +4,7 @@ import pytest
 
 from orchestrator.config import ConfigError, PoolConfig, resolve_config
 from orchestrator.data.loaders import DataError
-from orchestrator.retrieval import check_bad, fetch_images
+from orchestrator.transfer_sets.retrieval import check_bad, fetch_images
 from orchestrator.stages.curate import EmptyTransferSetError, Manifest, curate, per_query_share
 from orchestrator.stages.embed import ShardEmbedder, embed_images, load_embedder, shard_paths
 from orchestrator.stages.embedding_io import pool_id, read_embedding_shard, split_id

@@ -15,8 +15,8 @@ from orchestrator.stages.losses import LOSSES
 from orchestrator.stages.loop import batch_indices, train_supervised
 from orchestrator.stages.pretrain import pretrain_standin
 from orchestrator.stages.teacher_outputs import teacher_logits
-from orchestrator.stages.transfer_sets import TransferContext
-from orchestrator.transfer import build_transfer_set
+from orchestrator.transfer_sets.base import TransferContext
+from orchestrator.transfer_sets.pools import build_transfer_set
 from orchestrator.registry import UnknownNameError
 from tests.conftest import TINY_RESNET
 

@@ -302,7 +302,7 @@ def _hold_lock_forever(root: str) -> None:
 
 
 def test_runs_started_in_the_same_second_get_directories_of_their_own(tmp_path):
-    from orchestrator.pipeline import new_dir
+    from orchestrator.commands.run import new_dir
 
     made = [new_dir(tmp_path / "runs", "task-20261201-120000") for _ in range(3)]
     assert [d.name for d in made] == ["task-20261201-120000", "task-20261201-120000-2", "task-20261201-120000-3"]

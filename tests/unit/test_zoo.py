@@ -50,7 +50,7 @@ def test_load_zoo_reads_yaml_and_names_the_file_on_errors(tmp_path):
 
 @pytest.mark.parametrize("name", ["mnist", "sklearn_digits", "font_glyphs", "icons", "lfw_faces"])
 def test_domain_loaders_return_real_labeled_images(name):
-    from orchestrator.zoo.domains import find_icons, load_domain
+    from orchestrator.demo.zoo_domains import find_icons, load_domain
 
     if name == "icons" and not find_icons():
         pytest.skip("no freedesktop icon theme PNGs under /usr/share/icons (apt-get install adwaita-icon-theme)")
@@ -66,7 +66,7 @@ def test_domain_loaders_return_real_labeled_images(name):
 
 
 def test_font_glyphs_split_holds_out_whole_fonts_and_names_the_fix_without_fonts(tmp_path):
-    from orchestrator.zoo.domains import load_font_glyphs, split_domain
+    from orchestrator.demo.zoo_domains import load_font_glyphs, split_domain
 
     d = load_font_glyphs(per_font=2, seed=3)
     assert d.classes[0] == "A" and len(d.classes) == 26
@@ -81,7 +81,7 @@ def test_font_glyphs_split_holds_out_whole_fonts_and_names_the_fix_without_fonts
 @pytest.fixture(scope="module")
 def tiny_zoo(tmp_path_factory):
     """A tiny zoo for target mnist (so its mnist source is left out) built twice on one cache."""
-    from orchestrator.zoo.build import build_demo_zoo
+    from orchestrator.demo.zoo_build import build_demo_zoo
 
     cache = Cache(tmp_path_factory.mktemp("zoo"))
     kw = dict(epochs=1, limit=200, domains=TINY_DOMAINS)
@@ -102,8 +102,8 @@ def test_second_build_is_a_cache_hit_and_the_target_domain_is_left_out(tiny_zoo)
 
 
 def test_built_source_meta_and_outputs(tiny_zoo):
-    from orchestrator.zoo.build import source_meta
-    from orchestrator.zoo.domains import load_domain
+    from orchestrator.demo.zoo_build import source_meta
+    from orchestrator.demo.zoo_domains import load_domain
     from orchestrator.zoo.signals import load_source, source_outputs
 
     src = ZooConfig.model_validate(tiny_zoo[0].model_dump()).get("sklearn_digits_resnet10t")
@@ -138,7 +138,7 @@ def test_source_outputs_refuses_a_model_without_head():
 def test_font_digits_task_is_an_image_folder_with_unseen_test_fonts(tmp_path):
     from orchestrator.config import DatasetConfig
     from orchestrator.data import load_task_data
-    from orchestrator.demo_tasks import build_font_digits
+    from orchestrator.demo.tasks import build_font_digits
 
     root = tmp_path / "font_digits"
     info = build_font_digits(root, per_font=1)

@@ -33,7 +33,7 @@ def build_font_digits(root: Path, per_font: int = 8, seed: int = 0, test_fractio
     """
     from PIL import Image
 
-    from orchestrator.zoo.domains import load_font_glyphs, split_domain
+    from orchestrator.demo.zoo_domains import load_font_glyphs, split_domain
 
     root = Path(root)
     want = {"version": GLYPH_TASK_VERSION, "per_font": per_font, "seed": seed, "test_fraction": test_fraction}

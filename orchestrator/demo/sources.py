@@ -1,4 +1,4 @@
-"""The real offline images the demo pool mixes in beside the target task (orchestrator.demo_pool): glyphs
+"""The real offline images the demo pool mixes in beside the target task (orchestrator.demo.pool): glyphs
 rendered from the machine's TrueType fonts, Debian icon-theme PNGs, crops of bundled photos, and scikit-learn's
 8x8 handwritten digits, each with the augmentations the pool's docstring lists, plus the PNG/JPEG encoder and the
 affine warp they share. Every function takes its ``np.random.Generator``: the same stream gives the same images.

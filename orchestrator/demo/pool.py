@@ -63,7 +63,7 @@ import numpy as np
 
 from orchestrator.cache import write_atomic
 from orchestrator.data.loaders import DataError
-from orchestrator.demo_sources import (GLYPH_SIZE, ICON_DIRS, NOTMNIST_CHARS, OTHER_CHARS, PHOTO_SIZE,
+from orchestrator.demo.sources import (GLYPH_SIZE, ICON_DIRS, NOTMNIST_CHARS, OTHER_CHARS, PHOTO_SIZE,
                                        digit_images, encode_image, find_fonts, find_icons, find_photos,
                                        glyph_sources, icon_images, load_digit_images, photo_patches, render_glyphs)
 

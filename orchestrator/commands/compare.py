@@ -120,8 +120,8 @@ def compare(task: str | Path, methods: list[str] | None = None, seeds: list[int]
     from orchestrator.cache import Cache, write_atomic, write_rows_csv
     from orchestrator.methods import METHODS
     from orchestrator.methods.common import load_data, stage_data
-    from orchestrator.pipeline import open_session, run_method
-    from orchestrator.preflight import preflight
+    from orchestrator.commands.run import open_session, run_method
+    from orchestrator.methods.preflight import preflight
     from orchestrator.run_context import Ctx
     from orchestrator.tracking import flatten
 

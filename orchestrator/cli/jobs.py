@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from orchestrator.cli_common import _fail, _setup_logging, app
+from orchestrator.cli.common import _fail, _setup_logging, app
 
 
 AddressOpt = typer.Option(None, "--address", help="Ray Jobs API [$KT_JOBS_ADDRESS or http://127.0.0.1:8265]")

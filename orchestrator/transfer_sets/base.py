@@ -2,7 +2,7 @@
 
 A source is ``fn(ctx: TransferContext, cfg: TransferSetConfig) -> TransferSet``. ``target_unlabeled`` (here)
 uses the task's unlabeled remainder; the pool sources ``generic`` and ``retrieval`` are registered by
-:mod:`orchestrator.transfer`, which also holds :func:`~orchestrator.transfer.build_transfer_set`.
+:mod:`orchestrator.transfer_sets.pools`, which also holds :func:`~orchestrator.transfer_sets.pools.build_transfer_set`.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import yaml
 from orchestrator.cache import Cache
 from orchestrator.config import PipelineConfig
 from orchestrator.methods.common import load_data, stage_data  # noqa: F401 (re-exported)
-from orchestrator.preflight import preflight
+from orchestrator.methods.preflight import preflight
 from orchestrator.run_context import Ctx, RunResult  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)

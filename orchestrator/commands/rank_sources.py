@@ -70,7 +70,7 @@ def rank_sources(task, overrides: list[str] | None = None, smoke: bool = False, 
                                                      stage_probe_eval)
     from orchestrator.run_context import Ctx
     from orchestrator.similarity import SIMILARITY, rank_correlations
-    from orchestrator.pipeline import open_session
+    from orchestrator.commands.run import open_session
 
     from orchestrator.config import PipelineConfig
 

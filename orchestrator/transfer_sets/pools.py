@@ -1,8 +1,8 @@
 """The pool transfer-set sources (``generic``, ``retrieval``) and :func:`build_transfer_set`.
 
 They live above :mod:`orchestrator.stages` because they reach the pool readers, the embedding cache and
-(through :mod:`orchestrator.retrieval`) Ray Data; the registry and ``target_unlabeled`` stay in
-:mod:`orchestrator.stages.transfer_sets`, which imports nothing above it.
+(through :mod:`orchestrator.transfer_sets.retrieval`) Ray Data; the registry and ``target_unlabeled`` stay in
+:mod:`orchestrator.transfer_sets.base`, which imports nothing above it.
 """
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import hashlib
 
 from orchestrator.config import PoolConfig, TransferSetConfig, config_hash
 from orchestrator.data.loaders import load_task_data
-from orchestrator.retrieval import domain_fraction, fetch_images, retrieval_transfer_set
+from orchestrator.transfer_sets.retrieval import domain_fraction, fetch_images, retrieval_transfer_set
 from orchestrator.stages.pools import count_records, list_shards, pool_fingerprint, sample_pool_ids
-from orchestrator.stages.transfer_sets import (TRANSFER_SETS, TransferContext, TransferSet, make_transfer_set,
+from orchestrator.transfer_sets.base import (TRANSFER_SETS, TransferContext, TransferSet, make_transfer_set,
                                                match_channels, subsample)
 
 

@@ -7,8 +7,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from orchestrator.config_base import Strict
-from orchestrator.config_training import (EXECUTION_HELP, Budget, BudgetConfig, Execution, TrainConfig,
+from orchestrator.config.base import Strict
+from orchestrator.config.training import (EXECUTION_HELP, Budget, BudgetConfig, Execution, TrainConfig,
                                           check_execution)
 
 
@@ -64,7 +64,7 @@ class SourceEntry(Strict):
 class SourceDistillConfig(BudgetConfig):
     """The (multi-)source distillation run of paper 2's methods (the student on the transfer set).
 
-    Budget (:class:`~orchestrator.config_training.BudgetConfig`), as paper 1's ``distill``: default 2,000
+    Budget (:class:`~orchestrator.config.training.BudgetConfig`), as paper 1's ``distill``: default 2,000
     optimizer steps whatever the transfer set's size (reported every 100); ``epochs: N`` is the per-pass
     alternative. Batches, steps and the warm-up + cosine schedule come from ``stages.schedule.distill_plan``."""
 
@@ -94,7 +94,7 @@ class SourceTransferConfig(Strict):
     chosen by task similarity (DistillNearest / DistillWeighted and their baselines).
 
     ``zoo``: a list of sources, or the path of a zoo YAML (``sources: [...]``); or ``demo: true`` for
-    :func:`orchestrator.zoo.build.build_demo_zoo` (built and cached under ``demo_storage``, default the run's
+    :func:`orchestrator.demo.zoo_build.build_demo_zoo` (built and cached under ``demo_storage``, default the run's
     storage). ``metric``: a similarity metric (``orchestrator.similarity.SIMILARITY``). Weights:
     ``orchestrator.similarity.ranking.weights_from_scores(scores, weighting, weight_temperature, top_k)``.
     Loss: ``ce_weight`` CE on the labels + sum_s w_s (``kd_weight`` KL at ``temperature`` on the source's

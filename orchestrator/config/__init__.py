@@ -1,4 +1,5 @@
-"""Validated configs (pydantic, ``extra="forbid"``), YAML loading and ``--set key=value`` overrides.
+"""Validated configs (pydantic, ``extra="forbid"``): the loader and PipelineConfig here; base, training, methods.
+Imports: storage only.
 
 Every entry point (CLI, ``orchestrator.run``) goes through :func:`load_config` / :func:`resolve_config`, so a
 bad key or value fails before any heavy work starts, with a message that names the key and the fix.
@@ -15,10 +16,10 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 # the sections live in modules of their own; every config class is importable from here
-from orchestrator.config_base import ConfigError, Strict  # noqa: F401
-from orchestrator.config_methods import (FixMatchConfig, PretrainedInitConfig, SourceDistillConfig,  # noqa: F401
+from orchestrator.config.base import ConfigError, Strict  # noqa: F401
+from orchestrator.config.methods import (FixMatchConfig, PretrainedInitConfig, SourceDistillConfig,  # noqa: F401
                                          SourceEntry, SourceTransferConfig, SSLConfig, TaskAgnosticConfig)
-from orchestrator.config_training import (GLYPH_DATASETS, AugmentPolicy, BaselineConfig, Budget,  # noqa: F401
+from orchestrator.config.training import (GLYPH_DATASETS, AugmentPolicy, BaselineConfig, Budget,  # noqa: F401
                                           BudgetConfig, DistillConfig, FinetuneConfig, TrainConfig)
 
 

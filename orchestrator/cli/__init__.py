@@ -1,7 +1,8 @@
-"""`kt`: the command line. Heavy modules (torch, ray, mlflow) are imported inside commands only.
+"""`kt`, the Typer app: the run/sweep/compare/deploy commands here, Ray Jobs (jobs.py), shared options (common.py).
+Imports: anything (an entry point); heavy modules (torch, ray, mlflow) only inside commands.
 
 The training, sweep, comparison and deployment commands are here; the Ray Jobs commands (submit, jobs, status,
-logs, stop) in :mod:`orchestrator.cli_jobs`; the app and shared helpers in :mod:`orchestrator.cli_common`."""
+logs, stop) in :mod:`orchestrator.cli.jobs`; the app and shared helpers in :mod:`orchestrator.cli.common`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from orchestrator.cli_common import (SetOpt, SmokeOpt, StorageOpt, _fail, _load, _setup_logging,  # noqa: F401
+from orchestrator.cli.common import (SetOpt, SmokeOpt, StorageOpt, _fail, _load, _setup_logging,  # noqa: F401
                                      _user_errors, app)
 
 
@@ -20,12 +21,12 @@ def run(task: Path = typer.Argument(..., help="task YAML, e.g. tasks/fashion_mni
     _setup_logging()
     try:
         cfg = _load(task, set, smoke, storage)
-        from orchestrator.pipeline import run as run_pipeline
+        from orchestrator.commands.run import run as run_pipeline
 
         result = run_pipeline(cfg)
     except _user_errors() as e:
         _fail(e)
-    from orchestrator.report import print_run
+    from orchestrator.commands.report import print_run
 
     print_run(result, result.experiment_id)  # its link: the run's page
 
@@ -54,12 +55,12 @@ def sweep(space: Path = typer.Argument(..., help="search space YAML, e.g. search
         result = run_sweep(space, task, overrides, list(space_set or []), smoke, name, resume)
     except _user_errors() as e:
         _fail(e)
-    from orchestrator.report import print_sweep_result
+    from orchestrator.commands.report import print_sweep_result
 
     print_sweep_result(result)
     if register:
         try:
-            from orchestrator.deploy import register_best
+            from orchestrator.commands.deploy import register_best
 
             _print_registered(register_best(result.sweep_dir))
         except _user_errors() as e:
@@ -82,13 +83,13 @@ def compare(task: Path = typer.Argument(..., help="task YAML, e.g. tasks/fashion
         _fail(ValueError(f"--seeds takes comma-separated integers, e.g. --seeds 0,1,2, not {seeds!r}"))
     try:
         overrides = list(set or []) + ([f"storage={storage}"] if storage else [])
-        from orchestrator.comparison import compare as run_compare
+        from orchestrator.commands.compare import compare as run_compare
 
         result = run_compare(task, [m.strip() for m in methods.split(",")] if methods else None, seed_list,
                              overrides, smoke)
     except _user_errors() as e:
         _fail(e)
-    from orchestrator.report import print_compare
+    from orchestrator.commands.report import print_compare
 
     print_compare(result)
 
@@ -107,14 +108,14 @@ def rank_sources_cmd(task: Path = typer.Argument(..., help="task YAML with a `so
     _setup_logging()
     try:
         from orchestrator.similarity import SimilarityError
-        from orchestrator.source_ranking import rank_sources
+        from orchestrator.commands.rank_sources import rank_sources
 
         overrides = list(set or []) + ([f"storage={storage}"] if storage else [])
         result = rank_sources(task, overrides, smoke, evaluate, distill,
                               [m.strip() for m in metrics.split(",")] if metrics else None)
     except _user_errors() + (SimilarityError,) as e:
         _fail(e)
-    from orchestrator.report import print_rank_sources
+    from orchestrator.commands.report import print_rank_sources
 
     print_rank_sources(result)
 
@@ -139,7 +140,7 @@ def _print_registered(versions) -> None:
         flops = f", {float(t['kt.student_flops']) / 1e6:.2f} MFLOPs/img" if "kt.student_flops" in t else ""
         typer.echo(f"registered {v.source} as {v.uri} ({scores}{flops})")
     if versions:  # lines that work as printed: the environment's executables, without activating it
-        from orchestrator.report import env_command, serve_command
+        from orchestrator.commands.report import env_command, serve_command
 
         v = versions[-1]
         typer.echo(f"  serve it: {serve_command(v.uri, v.tracking_uri)}")
@@ -155,7 +156,7 @@ def export(source: str = typer.Argument(..., help="run dir, trial dir, sweep (wi
     verified with onnxruntime on real test images), TorchScript or a state dict."""
     _setup_logging()
     try:
-        from orchestrator.deploy import export as export_student
+        from orchestrator.commands.deploy import export as export_student
 
         path = export_student(source, format, out, trial, storage)
     except _user_errors() as e:
@@ -176,7 +177,7 @@ def register_cmd(source: str = typer.Argument(..., help="sweep (name or dir), tr
     (teacher, cache keys, method, sweep and trial, val/test top-1, FLOPs). A sweep without --trial: its best."""
     _setup_logging()
     try:
-        from orchestrator.deploy import register as register_student
+        from orchestrator.commands.deploy import register as register_student
 
         _print_registered([register_student(source, trial, budget, name, storage, tracking_uri)])
     except _user_errors() as e:
@@ -193,7 +194,7 @@ def predict_cmd(model: str = typer.Argument(..., help="run dir, trial dir, model
     """Classify images with a trained student; unreadable images are reported and skipped."""
     _setup_logging()
     try:
-        from orchestrator.prediction import predict as run_predict
+        from orchestrator.commands.predict import predict as run_predict
 
         res = run_predict(model, inputs, out, batch_size, storage, tracking_uri, progress=True)
     except _user_errors() as e:
@@ -208,7 +209,7 @@ def predict_cmd(model: str = typer.Argument(..., help="run dir, trial dir, model
 def report(sweep: str = typer.Argument(..., help="sweep name (under <storage>/sweeps) or its directory"),
            storage: str = typer.Option("kt_runs", "--storage", help="storage root the sweep ran with")) -> None:
     """Print a sweep's Pareto table and the best configuration per compute budget."""
-    from orchestrator.report import print_sweep_dir
+    from orchestrator.commands.report import print_sweep_dir
 
     d = Path(sweep) if Path(sweep, "sweep.json").is_file() else Path(storage) / "sweeps" / sweep
     if not (d / "sweep.json").is_file():
@@ -228,8 +229,8 @@ def pretrain_teacher(task: Path = typer.Argument(..., help="task YAML whose `sta
         import torch
 
         from orchestrator.cache import Cache
-        from orchestrator.pipeline import load_data
-        from orchestrator.standin import ensure_standin
+        from orchestrator.commands.run import load_data
+        from orchestrator.demo.standin import ensure_standin
 
         data, split, _ = load_data(cfg)
         info = ensure_standin(cfg, data, split, Cache(cfg.storage_uri()),
@@ -256,8 +257,8 @@ def make_demo_pool(task: Path = typer.Argument(..., help="task YAML whose unlabe
     _setup_logging()
     try:
         cfg = _load(task, set, False, storage)
-        from orchestrator.demo_pool import build_demo_pool
-        from orchestrator.pipeline import load_data
+        from orchestrator.demo.pool import build_demo_pool
+        from orchestrator.commands.run import load_data
 
         data, split, _ = load_data(cfg)
         out = out or cfg.storage_path() / "pools" / f"{cfg.name}_demo{f'_{max_target}' if max_target else ''}"
@@ -278,7 +279,7 @@ def make_font_digits(root: Path = typer.Argument(Path("kt_runs/data/font_digits"
     the machine, as an ImageFolder with whole fonts held out for test; a no-op if already built."""
     _setup_logging()
     try:
-        from orchestrator.demo_tasks import build_font_digits
+        from orchestrator.demo.tasks import build_font_digits
 
         info = build_font_digits(root, per_font=per_font, seed=seed)
     except _user_errors() as e:
@@ -287,7 +288,7 @@ def make_font_digits(root: Path = typer.Argument(Path("kt_runs/data/font_digits"
     typer.echo(f"{info['train']:,} train / {info['test']:,} test images ({info['fonts']} fonts) in {root}")
 
 
-from orchestrator import cli_jobs  # noqa: E402,F401 (registers the Ray Jobs commands, listed after these)
+from orchestrator.cli import jobs as cli_jobs  # noqa: E402,F401 (registers the Ray Jobs commands, listed after these)
 
 if __name__ == "__main__":
     app()

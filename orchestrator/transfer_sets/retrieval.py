@@ -219,7 +219,7 @@ def retrieval_transfer_set(ctx, cfg):
     unadapted teacher (embedder default) and, for ``balance``, the adapted teacher. Returns a TransferSet
     whose ``manifest`` is the saved manifest parquet. Raises ConfigError-like ValueError without a
     ``retrieval`` section, DataError for pool problems, IndexMismatchError, EmptyTransferSetError."""
-    from orchestrator.stages.transfer_sets import TransferSet
+    from orchestrator.transfer_sets.base import TransferSet
 
     rcfg = cfg.retrieval
     if rcfg is None:
@@ -316,7 +316,7 @@ def _curate(ctx, rcfg: RetrievalConfig, scores: np.ndarray, ids: np.ndarray, sha
 def random_pool_sample(ctx, cfg, size: int):
     """The control arm: ``size`` pool images drawn uniformly (seed ``transfer_set.seed``) from the same
     embedded pool as the retrieval source. Returns a TransferSet (source ``random_pool_sample``)."""
-    from orchestrator.stages.transfer_sets import TransferSet
+    from orchestrator.transfer_sets.base import TransferSet
 
     rcfg = cfg.retrieval
     h, w, c = ctx.task.train.images.shape[1:]

@@ -1,0 +1,4 @@
+"""``python -m orchestrator.cli``: the `kt` command."""
+from orchestrator.cli import app
+
+app()
