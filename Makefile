@@ -51,7 +51,7 @@ test: setup
 recipe: setup
 	$(BIN)/python benchmarks/recipe_matrix.py
 
-# SIGKILL a sweep, a run, an in-process trial and a worker node at 13 points, resume, check the invariants
+# SIGKILL a sweep, a run, an in-process trial, a worker node and a streaming ImageFolder run at 15 points, resume, check the invariants
 soak: setup
 	$(BIN)/python benchmarks/fault_soak.py
 
