@@ -332,7 +332,7 @@ class RemoteNpy:
         if self._f is None:
             fs, path = st.filesystem(self.uri)
             self._f = fs.open_input_file(path)
-        rows = np.arange(len(self))[idx]
+        rows = np.arange(len(self))[idx] if isinstance(idx, slice) else np.asarray(idx, np.int64)
         scalar = np.ndim(rows) == 0
         rows = np.atleast_1d(rows)
         out = np.empty((len(rows), *self.shape[1:]), self.dtype)
