@@ -60,7 +60,7 @@ class RssSampler:
             total = 0
             for p in [self.me, *self.me.children(recursive=True)]:
                 try:
-                    rss, name = p.memory_info().rss, " ".join(p.cmdline()[:3])[-60:]
+                    rss, name = p.memory_info().rss, " ".join(Path(c).name for c in p.cmdline()[:2])[-60:]
                 except psutil.Error:
                     continue
                 total += rss

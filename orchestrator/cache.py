@@ -121,11 +121,19 @@ class Cache:
         """The entry's local directory if complete (counted as a hit), else None (counted as a miss). With
         remote storage, an entry complete remotely but not in this node's mirror is downloaded first
         (atomically: a temporary sibling renamed into place)."""
-        if self._present(kind, key):
-            self.hits[kind] = self.hits.get(kind, 0) + 1
-            return self.path(kind, key)
-        self.misses[kind] = self.misses.get(kind, 0) + 1
-        return None
+        return self._count(kind, self._find(kind, key, mirror=True))
+
+    def _find(self, kind: str, key: str, mirror: bool) -> Path | str | None:
+        """The complete entry (not counted): this node's copy (``mirror``, downloaded when needed), or where it
+        is read in place (:meth:`location`); None when it is not complete."""
+        if not mirror:
+            return self.location(kind, key)
+        return self.path(kind, key) if self._present(kind, key) else None
+
+    def _count(self, kind: str, hit: Path | str | None) -> Path | str | None:
+        counter = self.hits if hit is not None else self.misses
+        counter[kind] = counter.get(kind, 0) + 1
+        return hit
 
     def location(self, kind: str, key: str) -> str | None:
         """Where a complete entry is read from without mirroring it (entries that stream, such as image shards):
@@ -155,21 +163,21 @@ class Cache:
             yield
 
     @contextmanager
-    def claim(self, kind: str, key: str) -> Iterator[Path | None]:
+    def claim(self, kind: str, key: str, mirror: bool = True) -> Iterator[Path | str | None]:
         """:meth:`lookup` the entry; on a miss, hold its build :meth:`lock` and look again (another run may
         have built it meanwhile: then it counts as a hit). Yields the entry, or None: build it (:meth:`write`)
-        inside the ``with``, while the lock is held."""
-        hit = self.lookup(kind, key)
+        inside the ``with``, while the lock is held. ``mirror=False``: the entry is found where it is read in
+        place (:meth:`location`: a remote entry is never downloaded) and that location is yielded."""
+        hit = self._count(kind, self._find(kind, key, mirror))
         if hit is not None:
             yield hit
             return
         with self.lock(kind, key):
-            if not self._present(kind, key):
-                yield None
-                return
-            self.misses[kind] -= 1
-            self.hits[kind] = self.hits.get(kind, 0) + 1
-            yield self.path(kind, key)
+            hit = self._find(kind, key, mirror)
+            if hit is not None:
+                self.misses[kind] -= 1
+                self.hits[kind] = self.hits.get(kind, 0) + 1
+            yield hit
 
     def _fetch(self, kind: str, key: str) -> bool:
         """Download the remote entry into the mirror if it is complete there; True if it was."""

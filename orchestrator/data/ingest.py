@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -119,17 +118,16 @@ def check_batch(batch: dict, root: str, channels: int, size: int | None) -> dict
     out = {"row": np.asarray(batch["row"], np.int64), "bytes": [], "height": [], "width": [], "error": []}
     for i, rel in enumerate(batch["path"]):
         path = Path(root) / str(rel)
-        data = batch["bytes"][i] if "bytes" in batch else None
         dims: list = [0, 0]
         try:
-            data = data if data is not None else path.read_bytes()
-            decode_image(bytes(data), channels, size, path, dims)
+            data = bytes(batch["bytes"][i]) if "bytes" in batch else path.read_bytes()
+            decode_image(data, channels, size, path, dims)
             err = ""
         except DataError as e:
             err = str(e)
         except OSError as e:
             err = f"corrupt or unreadable image {path}: {e}. Fix: delete or replace this file"
-        out["bytes"].append(b"" if err else bytes(data))
+        out["bytes"].append(b"" if err else data)
         out["height"].append(dims[0])
         out["width"].append(dims[1])
         out["error"].append(err)
@@ -143,22 +141,15 @@ def in_process(listing: FolderListing, fn: Callable[[dict], dict], batch_size: i
     """Run ``fn`` over the listing's files in batches of ``batch_size``, in this process, on
     :func:`~orchestrator.data.shards.decode_threads` threads (Pillow releases the GIL while it decodes), in
     order; at most twice as many batches in flight as threads."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from orchestrator.data.shards import decode_threads
-
-    starts = iter(range(0, len(listing.paths), batch_size))
+    from orchestrator.data.shards import decode_threads, map_ahead
 
     def batch(s: int) -> dict:
-        return fn({"row": np.arange(s, min(s + batch_size, len(listing.paths))), "path": listing.paths[s:s + batch_size]})
+        rows = np.arange(s, min(s + batch_size, len(listing.paths)))
+        return fn({"row": rows, "path": listing.paths[s:s + batch_size]})
 
     threads = decode_threads()
-    with ThreadPoolExecutor(threads, thread_name_prefix="kt-ingest") as ex:
-        pending = [ex.submit(batch, s) for s in islice(starts, 2 * threads)]
-        while pending:
-            done = pending.pop(0).result()
-            pending += [ex.submit(batch, s) for s in islice(starts, 1)]
-            yield done
+    for _, out in map_ahead(batch, range(0, len(listing.paths), batch_size), 2 * threads, threads):
+        yield out
 
 
 def unreadable_error(root: Path, errors: list[str]) -> DataError:
@@ -175,8 +166,8 @@ def write_store(listing: FolderListing, out_dir: Path, channels: int, size: int 
                 runner: Runner | None = None, batch_size: int = 256) -> dict:
     """Check every file of ``listing`` and write the readable ones into image shards under ``out_dir``.
 
-    Returns the store's summary (images per split, bytes, sizes seen). Raises DataError naming every unreadable
-    file at once, or (without ``size``) when a split's images differ in size."""
+    Returns ``{"images": N, "bytes": encoded bytes}``. Raises DataError naming every unreadable file at once, or
+    (without ``size``) when a split's images differ in size."""
     from orchestrator.data.shards import ShardWriter
 
     fn = lambda b: check_batch(b, str(listing.root), channels, size)  # noqa: E731
@@ -197,9 +188,7 @@ def write_store(listing: FolderListing, out_dir: Path, channels: int, size: int 
         if size is None and len(shapes[split]) > 1:
             raise DataError(f"images under {listing.root / split} have different sizes {sorted(shapes[split])[:3]}..."
                             "; set data.image_size")
-    n = writer.close()
-    return {"images": n, "bytes": nbytes, "hidden_skipped": listing.hidden,
-            "sizes": {s: sorted(v)[:3] for s, v in shapes.items()}}
+    return {"images": writer.close(), "bytes": nbytes}
 
 
 def ingest_image_folder(root: Path, channels: int, size: int | None, storage: str | Path,
@@ -214,16 +203,11 @@ def ingest_image_folder(root: Path, channels: int, size: int | None, storage: st
                  listing.hidden)
     key = listing.key(channels, size)
     cache = Cache(storage)
-    loc = cache.location(KIND, key)
-    if loc is not None:
-        return loc, listing
-    with cache.lock(KIND, key):
-        loc = cache.location(KIND, key)
+    with cache.claim(KIND, key, mirror=False) as loc:  # read in place: a remote store is never downloaded
         if loc is None:
             log.info("ingesting %s: checking %d image files and writing them into image shards", root,
                      len(listing.paths))
             with cache.write(KIND, key, {"root": str(root), "version": INGEST_VERSION}) as tmp:
                 info = write_store(listing, tmp, channels, size, runner)
             log.info("image shards %s: %d images, %.1f MB encoded", key, info["images"], info["bytes"] / 1e6)
-            loc = cache.location(KIND, key)
-    return loc, listing
+    return loc or cache.location(KIND, key), listing

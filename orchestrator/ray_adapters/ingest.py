@@ -47,3 +47,15 @@ def ray_data_runner(listing, fn: Callable[[dict], dict], batch_size: int) -> Ite
             batch_size=None, batch_format="numpy"):
         b["row"] = np.array([row_of[str(p)] for p in b["path"]], np.int64)
         yield b
+
+
+def runner_for(ingest: str):
+    """The :data:`~orchestrator.data.ingest.Runner` of ``data.ingest`` (auto | in_process | ray_data): per folder,
+    :func:`ray_data_runner` where :func:`use_ray_data` says so, else the in-process threads."""
+    from orchestrator.data.ingest import in_process
+
+    def run(listing, fn: Callable[[dict], dict], batch_size: int):
+        use = ray_data_runner if use_ray_data(ingest, len(listing.paths)) else in_process
+        return use(listing, fn, batch_size)
+
+    return run

@@ -4,8 +4,6 @@ Budgets, batch order and the LR schedule come from :mod:`orchestrator.stages.sch
 ``cosine_schedule`` are re-exported here for older callers)."""
 from __future__ import annotations
 
-from collections import deque
-from itertools import islice
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -15,6 +13,7 @@ from torch import nn
 
 from orchestrator.config import AugmentPolicy, TrainConfig
 from orchestrator.data.images import ImageSet
+from orchestrator.data.shards import map_ahead
 from orchestrator.models.preprocess import Preprocess
 from orchestrator.stages.accel import autocast, prepare_model, to_device
 from orchestrator.stages.augment import augment_batch, to_unit
@@ -78,21 +77,11 @@ def prefetched(images, batches: Iterable[np.ndarray], depth: int = 2) -> Iterato
         for idx in batches:
             yield idx, images[idx]
         return
-    batches = list(batches)
     workers = decode_workers()
     if workers == 0:
-        from concurrent.futures import ThreadPoolExecutor
-
-        it = iter(batches)
-        with ThreadPoolExecutor(1, thread_name_prefix="kt-prefetch") as ex:
-            queue = deque((idx, ex.submit(_Batches(images).__getitem__, idx)) for idx in islice(it, depth))
-            while queue:
-                idx, fut = queue.popleft()
-                nxt = next(it, None)
-                if nxt is not None:
-                    queue.append((nxt, ex.submit(_Batches(images).__getitem__, nxt)))
-                yield idx, fut.result()
+        yield from map_ahead(_Batches(images).__getitem__, batches, depth)
         return
+    batches = list(batches)  # the DataLoader's keys, and the indices returned beside its batches
     loader = torch.utils.data.DataLoader(_Batches(images), batch_size=None, sampler=batches, num_workers=workers,
                                          prefetch_factor=depth, collate_fn=lambda x: x)
     yield from zip(batches, loader)
