@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from orchestrator.data.shards import decode_limit
+from orchestrator.data.shards import decode_limit, take
 
 SMALL_SUBSET_BYTES = 64 << 20  # a lazy set's subset up to this size is decoded once (ImageSet.subset)
 
@@ -52,7 +52,7 @@ class ImageSet:
         """The images (and labels) at ``idx`` ((M,) int64). A lazy set's subset is a lazy view, decoded into
         memory once when it is small (at most :data:`SMALL_SUBSET_BYTES`, the loader's ``data.in_memory_max_mb``
         and the decode limit: a labeled subset that every epoch reads again)."""
-        images = self.images[idx] if not self.lazy else self.images.view(idx)
+        images = take(self.images, idx)
         if self.lazy and images.nbytes <= min(SMALL_SUBSET_BYTES, images.in_memory_max_bytes, decode_limit()):
             images = images.materialize()
         return ImageSet(images, None if self.labels is None else self.labels[idx])
