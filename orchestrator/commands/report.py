@@ -235,11 +235,11 @@ def print_compare(result, console=None) -> None:
     con = console or Console(width=None if sys.stdout.isatty() else 160)
     seeds = max(s["seeds"] for s in result.summary)
     t = Table(title=f"methods compared ({seeds} seeds; same labels, student, transfer set)")
-    for col in ("method", "top-1 (mean ± std)", "gain vs supervised", "MFLOPs/img", "transfer TFLOPs",
+    for col in ("method", "student", "top-1 (mean ± std)", "gain vs supervised", "MFLOPs/img", "transfer TFLOPs",
                 "transfer device-s"):
-        t.add_column(col, justify="left" if col == "method" else "right")
+        t.add_column(col, justify="left" if col in ("method", "student") else "right")
     for s in sorted(result.summary, key=lambda s: -s["top1_mean"]):
-        t.add_row(s["method"], f"{100 * s['top1_mean']:.2f} ± {100 * s['top1_std']:.2f}",
+        t.add_row(s["method"], s.get("student", ""), f"{100 * s['top1_mean']:.2f} ± {100 * s['top1_std']:.2f}",
                   "" if s["method"] == "supervised" else f"{s['gain_points']:+.2f}", f"{s['student_mflops']:.1f}",
                   f"{s['transfer_tflops']:.3f}", f"{s['transfer_device_seconds']:.0f}")
     con.print(t)

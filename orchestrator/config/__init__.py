@@ -107,13 +107,26 @@ class StandinConfig(Strict):
     seed: int = 0
 
 
+class TeacherMember(Strict):
+    """One more model of a teacher ensemble (``teacher.ensemble``): adapted like ``teacher.id``."""
+
+    id: str = Field(min_length=1)
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
 class TeacherConfig(Strict):
     """The teacher (a model id: VFM, ``pypi/efficientnet_lite0``, checkpoint, or ``standin/simclr``) and how it is
     adapted: ``linear_probe`` trains a head on frozen features; ``finetune`` then trains the whole teacher.
-    ``model_kwargs.input_size`` (pixels) sets its input size (default: the model's own)."""
+    ``model_kwargs.input_size`` (pixels) sets its input size (default: the model's own).
+
+    ``ensemble``: more models; with it the teacher is ``id`` and every member, each adapted (and cached) on its
+    own with these settings, and their soft labels are the mean of the members' class probabilities
+    (:class:`orchestrator.models.ensemble.EnsembleTeacher`)."""
 
     id: str = "pypi/efficientnet_lite0"
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    ensemble: list[TeacherMember] = Field(default_factory=list, description="more teachers whose probabilities "
+                                          "are averaged with this one's")
     adapt: Literal["linear_probe", "finetune"] = "linear_probe"
     probe_epochs: int = Field(300, gt=0, description="full-batch optimizer steps of the linear probe")
     probe_lr: float = Field(1e-2, gt=0)
@@ -134,6 +147,13 @@ class TeacherConfig(Strict):
     inference_gpus: float | None = Field(
         None, ge=0, description="GPUs per teacher-inference / pool-embedding actor [1 if the driver sees a GPU, "
         "else 0]; set 1 on a cluster whose head has no GPU (cluster.yaml) so the actors go to GPU workers")
+
+    def members(self) -> list["TeacherConfig"]:
+        """The single-model teachers of this teacher: itself without an ensemble, else ``id`` then every
+        ``ensemble`` member, each with this config's adaptation settings and no ensemble."""
+        first = self.model_copy(update={"ensemble": []})
+        return [first] + [first.model_copy(update={"id": m.id, "model_kwargs": dict(m.model_kwargs)})
+                          for m in self.ensemble]
 
 
 class PoolConfig(Strict):
@@ -221,7 +241,9 @@ class TransferSetConfig(Strict):
 
 
 class StudentConfig(Strict):
-    """The small student: a ``timm/<arch>`` id built at the task's native resolution and channels."""
+    """The small student: a ``timm/<arch>`` id (random init) or a ``pypi/<weights>`` id (ImageNet init; the same
+    network from scratch is its timm architecture, e.g. ``timm/tf_efficientnet_lite0``), built at the task's
+    native resolution and channels (``model_kwargs.input_size``: another square side)."""
 
     id: str = "timm/resnet10t"
     model_kwargs: dict[str, Any] = Field(default_factory=dict)

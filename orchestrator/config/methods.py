@@ -133,13 +133,22 @@ class FixMatchConfig(Strict):
     and ``mu`` x ``batch_size`` unlabeled target images per step; weak view = flip + shift, strong view =
     RandAugment (``randaugment_ops`` ops, magnitude drawn per image) + Cutout (``cutout`` of the side); an
     unlabeled image counts when the weak view's max probability >= ``threshold``; loss = CE + ``lambda_u``
-    CE(strong, pseudo-label); evaluation uses an EMA (``ema_decay``) of the weights."""
+    CE(strong, pseudo-label); evaluation uses an EMA (``ema_decay``) of the weights.
+
+    Budget, in images seen (labeled + unlabeled, (1 + mu) x batch_size per step): ``images_seen``, or ``steps``
+    x (1 + mu) x batch_size; with neither, the images the task's distillation sees (``distill``'s steps x its
+    transfer and labeled batches: :func:`orchestrator.methods.fixmatch.fixmatch_budget`), so the two methods
+    are compared at equal data. The LR follows the paper's cosine over exactly those steps."""
 
     threshold: float = Field(0.95, gt=0, le=1)
     lambda_u: float = Field(1.0, ge=0)
     mu: int = Field(7, gt=0)
     batch_size: int = Field(32, gt=0)
-    steps: int = Field(1000, gt=0)
+    steps: int | None = Field(None, gt=0, description="optimizer steps (the alternative to images_seen)")
+    images_seen: int | None = Field(None, gt=0, description="labeled + unlabeled images drawn in all [the "
+                                    "distillation's]")
+    curve_points: int = Field(8, ge=0, description="evaluate the EMA student on the test split this many times "
+                              "over training (the test top-1 curve; 0: only at the end)")
     lr: float = Field(0.03, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
@@ -147,3 +156,10 @@ class FixMatchConfig(Strict):
     randaugment_ops: int = Field(2, gt=0)
     cutout: float = Field(0.5, ge=0, le=1)
     max_unlabeled: int | None = Field(None, gt=0, description="use at most N unlabeled images (seeded)")
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        if self.steps is not None and self.images_seen is not None:
+            raise ValueError(f"fixmatch.steps={self.steps} and fixmatch.images_seen={self.images_seen} are both "
+                             "set: keep one (null the other), or neither to match the distillation's images seen")
+        return self

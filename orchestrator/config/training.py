@@ -172,10 +172,24 @@ class DistillConfig(BudgetConfig):
     teacher_outputs: Literal["cached", "online"] = Field(
         "cached", description="cached: the teacher labels each transfer image once, before training; online: "
         "every step runs the teacher on its batch (the usual KD loop; the reference the cache is measured against)")
+    views: int = Field(0, ge=0, description="cached augmented views per transfer image (FKD, Shen & Xing 2022): "
+                       "K views drawn once from the task's policy, each labelled by the teacher; the student "
+                       "trains on exactly those crops (0: the images as they are)")
+    view_min_area: float = Field(0.35, gt=0, le=1, description="views: the random-resized crop's smallest area "
+                                 "fraction (the policy's strength; 1: shift and flip only)")
+    view_topk: int | None = Field(None, gt=0, description="views: store each view's top-k probabilities and "
+                                  "spread the rest of the mass evenly over the other classes (FKD's label "
+                                  "compression); None: all classes")
 
     @model_validator(mode="after")
     def _trains(self):
         check_execution(self)
+        if self.views and self.teacher_outputs == "online":
+            raise ValueError(f"distill.views={self.views} caches the teacher's soft labels of augmented views, "
+                             "but distill.teacher_outputs is online: set teacher_outputs: cached or views: 0")
+        if self.views and self.feature_weight > 0:
+            raise ValueError(f"distill.views={self.views} caches soft labels only, not features: set "
+                             "distill.feature_weight: 0 or views: 0")
         if self.budget().value == 0:
             raise ValueError(f"a distillation budget of 0 {self.budget().kind} trains nothing; set steps (or "
                              "epochs) > 0")

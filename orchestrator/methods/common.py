@@ -4,7 +4,9 @@ outputs, distillation (Ray Train), supervised training and evaluation."""
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -96,17 +98,72 @@ def teacher_kwargs(ctx: Ctx) -> dict:
     return {} if parse_model_id(ctx.teacher_id).namespace == "checkpoint" else ctx.cfg.teacher.model_kwargs
 
 
-def stage_adapt(ctx: Ctx) -> Path:
+def stage_adapt(ctx: Ctx, record_as: str = "adapt_teacher", role: str = "teacher") -> Path:
     """Adapt the teacher on the labeled subset and evaluate it on the test split, both cached (the entry holds
-    ``teacher.pt`` and ``test_eval.npz``). Sets and returns ``ctx.adapted`` (the adapted checkpoint)."""
-    from orchestrator.models.teachers import load_model_checkpoint, load_teacher, save_model_checkpoint
+    ``teacher.pt`` and ``test_eval.npz``). Sets and returns ``ctx.adapted`` (the adapted checkpoint).
+
+    With ``teacher.ensemble`` every member is adapted as a teacher of its own (its own cache entry, key and
+    record ``adapt_teacher_<i>``; the first is the one a single-teacher run adapts), then the ensemble's entry
+    holds them as one :class:`~orchestrator.models.ensemble.EnsembleTeacher` (mean of their probabilities), with
+    its own test top-1 (record ``adapt_teacher``); ``ctx.teacher_id`` stays the first member's (the default
+    retrieval embedder)."""
+    from orchestrator.models.teachers import load_teacher
     from orchestrator.stages.adapt_teacher import adapt_teacher
-    from orchestrator.stages.evaluate import EvalResult, evaluate, plot_confusion
     from orchestrator.stages.schedule import supervised_plan
 
-    cfg, task = ctx.cfg, ctx.task
-    labeled = task.train.subset(ctx.split.labeled)
+    members = ctx.cfg.teacher.members()
+    if len(members) > 1:
+        return _adapt_ensemble(ctx, members)
+    cfg = ctx.cfg
+    labeled = ctx.task.train.subset(ctx.split.labeled)
     seed = cfg.seed if cfg.teacher.seed is None else cfg.teacher.seed
+
+    def build(c: StageCompute):
+        with Meter() as me:
+            teacher = load_teacher(ctx.teacher_id, teacher_kwargs(ctx))
+            adapt_teacher(teacher, labeled, ctx.task.num_classes, cfg.teacher, seed, ctx.device,
+                          augment=cfg.data.augment_policy())
+        fwd = forward_flops(teacher, (teacher.preprocess.channels, *teacher.preprocess.size))
+        # probe features once, then (LP-FT) finetune epochs at ~3x a forward pass each
+        ft = cfg.teacher.adapt == "finetune"
+        ft_images = supervised_plan(len(labeled), cfg.teacher.finetune).images() if ft else 0
+        c.images, c.flops = len(labeled) + ft_images, fwd * len(labeled) + 3 * fwd * ft_images
+        c.device_seconds = me.result.wall_seconds  # the adaptation's, not the test evaluation's
+        return teacher
+
+    return _adapted_entry(ctx, build, f"{role} ({cfg.teacher.adapt})", ctx.teacher_id, record_as)
+
+
+def _adapt_ensemble(ctx: Ctx, members) -> Path:
+    """Each member adapted as a single teacher, then their ensemble's entry (see :func:`stage_adapt`)."""
+    from orchestrator.models.ensemble import EnsembleTeacher
+    from orchestrator.models.teachers import load_model_checkpoint
+
+    adapted: list[tuple[str, Path, str]] = []
+    for i, member in enumerate(members):
+        with derived_config(ctx, ctx.cfg.model_copy(update={"teacher": member})):
+            stage_teacher(ctx)
+            path = stage_adapt(ctx, f"adapt_teacher_{i}", f"teacher {i}")
+            size = member.model_kwargs.get("input_size") or load_model_checkpoint(path).preprocess.size[0]
+            adapted.append((ctx.keys["adapted_teacher"], path, f"{member.id}@{size}"))
+    stage_teacher(ctx)  # the first member's id and key again
+
+    def build(c: StageCompute):  # the members' compute is in their own records
+        return EnsembleTeacher([load_model_checkpoint(p) for _, p, _ in adapted], [n for _, _, n in adapted])
+
+    name = "ensemble(" + ", ".join(n for _, _, n in adapted) + ")"
+    return _adapted_entry(ctx, build, "teacher ensemble (mean of probabilities)", name,
+                          content={"members": [k for k, _, _ in adapted]})
+
+
+def _adapted_entry(ctx: Ctx, build, role: str, model: str, record_as: str = "adapt_teacher",
+                   content: dict | None = None) -> Path:
+    """The ``adapted_teacher`` stage around ``build(compute) -> teacher``: the checkpoint and its test evaluation
+    cached, the table row and the record ``record_as``."""
+    from orchestrator.models.teachers import load_model_checkpoint, save_model_checkpoint
+    from orchestrator.stages.evaluate import EvalResult, evaluate, plot_confusion
+
+    task = ctx.task
 
     def test_eval(teacher) -> tuple[EvalResult, float]:
         with Meter() as me:
@@ -114,23 +171,14 @@ def stage_adapt(ctx: Ctx) -> Path:
         return res, me.result.wall_seconds
 
     def body(tmp: Path, c: StageCompute) -> dict:
-        with Meter() as me:
-            teacher = load_teacher(ctx.teacher_id, teacher_kwargs(ctx))
-            adapt_teacher(teacher, labeled, task.num_classes, cfg.teacher, seed, ctx.device,
-                          augment=cfg.data.augment_policy())
-        fwd = forward_flops(teacher, (teacher.preprocess.channels, *teacher.preprocess.size))
-        # probe features once, then (LP-FT) finetune epochs at ~3x a forward pass each
-        ft = cfg.teacher.adapt == "finetune"
-        ft_images = supervised_plan(len(labeled), cfg.teacher.finetune).images() if ft else 0
-        c.images, c.flops = len(labeled) + ft_images, fwd * len(labeled) + 3 * fwd * ft_images
-        c.device_seconds = me.result.wall_seconds  # the adaptation's, not the test evaluation's below
+        teacher = build(c)
         save_model_checkpoint(teacher, tmp / "teacher.pt", task.classes)
         # the test evaluation travels with the entry: every later method and seed reads it (60 s at 10,000
         # test images and 64 px on 2 cores, once per kt compare row before)
         res, secs = test_eval(teacher)
         np.savez(tmp / "test_eval.npz", top1=res.top1, per_class=res.per_class, confusion=res.confusion,
                  seconds=secs)
-        return {"teacher": ctx.teacher_id}
+        return {"teacher": model}
 
     def after(run) -> dict:
         teacher = load_model_checkpoint(run.entry / "teacher.pt")
@@ -142,16 +190,27 @@ def stage_adapt(ctx: Ctx) -> Path:
             secs = float(z["seconds"])
         else:  # an entry written before test_eval.npz existed
             res, secs = test_eval(teacher)
-        ctx.tracker.artifact(plot_confusion(res, ctx.run_dir / "confusion_teacher.png",
-                                            f"adapted teacher {res.top1:.4f}"))
-        ctx.table.append({"model": ctx.teacher_id, "role": f"teacher ({cfg.teacher.adapt})", "top1": res.top1,
-                          "flops": ctx.teacher_flops, "params": params(teacher)})
+        ctx.tracker.artifact(plot_confusion(res, ctx.run_dir / f"confusion_{record_as.replace('adapt_', '')}.png",
+                                            f"adapted {role} {res.top1:.4f}"))
+        ctx.table.append({"model": model, "role": role, "top1": res.top1, "flops": ctx.teacher_flops,
+                          "params": params(teacher)})
         return {"top1": res.top1, "forward_flops_per_image": ctx.teacher_flops, "params": params(teacher),
                 "eval_seconds": secs}
 
-    run = run_stage(ctx, "adapted_teacher", body, record_as="adapt_teacher", after=after)
+    run = run_stage(ctx, "adapted_teacher", body, record_as=record_as, after=after, content=content)
     ctx.adapted = run.entry / "teacher.pt"
     return ctx.adapted
+
+
+@contextmanager
+def derived_config(ctx: Ctx, cfg: PipelineConfig) -> Iterator[Ctx]:
+    """Run stages under a derived config (an ensemble member's teacher, the task-agnostic method's feature-only
+    loss weights): their keys then derive from what they actually use."""
+    old, ctx.cfg = ctx.cfg, cfg
+    try:
+        yield ctx
+    finally:
+        ctx.cfg = old
 
 
 def ensure_adapted(ctx: Ctx) -> Path:
@@ -207,20 +266,45 @@ def inference_actors(ctx: Ctx, images: int, flops_per_image: float, actors: int)
 
 
 def frozen_model_outputs(ctx: Ctx, checkpoint: Path, images: np.ndarray, out_dir: Path, batch_size: int,
-                         actors: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+                         actors: int, what: str, views: tuple[np.ndarray, int] | None = None):
     """A frozen model's ((N, K) float32 logits, (N, D) float16 features) on ``images`` ((N, H, W, C) uint8),
     with (index, logits) parquet shards under ``out_dir``: by a Ray Data actor pool of ``actors``, or in this
-    process when ``actors`` is 0 (:func:`inference_actors`). ``what`` names the pass in the log."""
+    process when ``actors`` is 0 (:func:`inference_actors`). ``what`` names the pass in the log. With ``views``
+    (``(params, k)``: :mod:`orchestrator.stages.views`) only the (N x k, K) float32 logits of the views."""
+    n, features = (len(views[0]), False) if views is not None else (len(images), True)
     if actors == 0:
         from orchestrator.stages.teacher_outputs import teacher_outputs_in_process
 
-        log.info("%s over %d images, in this process (a pass too small for a Ray Data actor pool: "
-                 "teacher.inference)", what, len(images))
-        return teacher_outputs_in_process(str(checkpoint), images, out_dir, batch_size, features=True)
+        log.info("%s over %d %s, in this process (a pass too small for a Ray Data actor pool: "
+                 "teacher.inference)", what, n, "views" if views is not None else "images")
+        return teacher_outputs_in_process(str(checkpoint), images, out_dir, batch_size, features, views)
     from orchestrator.ray_adapters.data import teacher_inference
 
-    log.info("%s over %d images (%d Ray Data actors)", what, len(images), actors)
-    return teacher_inference(str(checkpoint), images, out_dir, batch_size, actors, ctx.actor_gpus(), features=True)
+    log.info("%s over %d %s (%d Ray Data actors)", what, n, "views" if views is not None else "images", actors)
+    return teacher_inference(str(checkpoint), images, out_dir, batch_size, actors, ctx.actor_gpus(), features,
+                             views)
+
+
+def label_views(ctx: Ctx, ts, tmp: Path, actors: int) -> dict:
+    """The teacher's soft labels of ``distill.views`` cached views of every transfer image (FKD;
+    :mod:`orchestrator.stages.views`): writes ``views.npy`` ((N x K, 7) float32 view parameters) and
+    ``logits.npy`` ((N x K, C) float32), or with ``distill.view_topk`` = k the compressed
+    ``soft_topk_classes.npy`` / ``soft_topk_logprob.npy`` ((N x K, k) int32 / float16). Returns what the
+    compression costs (:func:`~orchestrator.stages.views.compression_cost`), or {}."""
+    from orchestrator.stages.views import compress, compression_cost, draw_views
+
+    d = ctx.cfg.distill
+    params = draw_views(len(ts), d.views, ctx.cfg.data.augment_policy(), d.view_min_area, ctx.cfg.transfer_set.seed)
+    np.save(tmp / "views.npy", params)
+    logits = frozen_model_outputs(ctx, ctx.adapted, ts.images, tmp / "shards", ctx.cfg.teacher.inference_batch_size,
+                                  actors, f"teacher inference ({d.views} views per image)", (params, d.views))
+    if d.view_topk is None:
+        np.save(tmp / "logits.npy", logits)
+        return {}
+    classes, logp = compress(logits, d.view_topk)
+    np.save(tmp / "soft_topk_classes.npy", classes)
+    np.save(tmp / "soft_topk_logprob.npy", logp)
+    return {f"topk_{k}": v for k, v in compression_cost(logits, d.view_topk, d.temperature).items()}
 
 
 def stage_teacher_outputs(ctx: Ctx, ts, record_as: str = "teacher_inference") -> Path:
@@ -229,12 +313,17 @@ def stage_teacher_outputs(ctx: Ctx, ts, record_as: str = "teacher_inference") ->
     in every training step). Returns the entry dir."""
     cfg = ctx.cfg
     online = cfg.distill.teacher_outputs == "online"
-    actors = inference_actors(ctx, len(ts), ctx.teacher_flops, cfg.teacher.inference_actors)
+    views = max(1, cfg.distill.views)  # teacher passes per transfer image
+    actors = inference_actors(ctx, len(ts) * views, ctx.teacher_flops, cfg.teacher.inference_actors)
 
     def body(tmp: Path, c: StageCompute) -> dict:
         save_images(tmp, ts.images)  # images.npy, or a lazy set's manifest of image-shard rows
         if online:  # the teacher's compute is counted in the distill stage
             return {"transfer_set": ts.description}
+        if cfg.distill.views:
+            cost = label_views(ctx, ts, tmp, actors)
+            c.images, c.flops = len(ts) * views, ctx.teacher_flops * len(ts) * views
+            return {"transfer_set": ts.description, "views": cfg.distill.views, **cost}
         logits, feats = frozen_model_outputs(ctx, ctx.adapted, ts.images, tmp / "shards",
                                              cfg.teacher.inference_batch_size, actors, "teacher inference")
         c.images, c.flops = len(ts), ctx.teacher_flops * len(ts)
@@ -243,7 +332,7 @@ def stage_teacher_outputs(ctx: Ctx, ts, record_as: str = "teacher_inference") ->
         return {"transfer_set": ts.description}
 
     run = run_stage(ctx, "teacher_outputs", body, record_as=record_as, devices=max(1, actors),
-                    after=lambda r: {"teacher_forward_passes": 0 if (r.hit or online) else len(ts)})
+                    after=lambda r: {"teacher_forward_passes": 0 if (r.hit or online) else len(ts) * views})
     if run.hit:
         log.info("teacher outputs cache hit (%s): teacher inference skipped", run.key)
     return run.entry

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Iterator
 
-from orchestrator.config import PipelineConfig, TrainConfig
+from orchestrator.config import TrainConfig
 from orchestrator.data.shards import open_images
 from orchestrator.graph import run_stage
 from orchestrator.methods.common import params
@@ -14,17 +13,6 @@ from orchestrator.run_context import Ctx
 from orchestrator.stages.compute import StageCompute, forward_flops, train_flops
 
 log = logging.getLogger(__name__)
-
-
-@contextmanager
-def derived_config(ctx: Ctx, cfg: PipelineConfig) -> Iterator[Ctx]:
-    """Run stages under a method's derived config (e.g. the task-agnostic method's feature-only loss weights):
-    their keys then derive from what they actually use."""
-    old, ctx.cfg = ctx.cfg, cfg
-    try:
-        yield ctx
-    finally:
-        ctx.cfg = old
 
 
 def stage_distill(ctx: Ctx, outputs: Path, name: str = "distill", record_as: str | None = None):
@@ -52,7 +40,7 @@ def stage_distill(ctx: Ctx, outputs: Path, name: str = "distill", record_as: str
     # workers on any node find the teacher outputs in the shared cache; the few labeled images travel inline
     data = {**ctx.cache_ref(outputs), "labeled": {"images": labeled.images, "labels": labeled.labels},
             "val": {"images": val.images, "labels": val.labels} if val is not None else None}
-    n = len(open_images(outputs))
+    n = len(open_images(outputs)) * max(1, cfg.distill.views)  # the items of the budget's passes: images or views
     mode = resolve_execution(cfg.distill.execution, cfg.distill.num_workers, cfg.distill.use_gpu)
     world = 1 if mode == "in_process" else cfg.distill.num_workers
     online = cfg.distill.teacher_outputs == "online"

@@ -10,7 +10,8 @@ from orchestrator.graph import run_stage
 from orchestrator.methods.base import Method, MethodResult, register
 from orchestrator.methods.common import (frozen_model_outputs, inference_actors, stage_teacher, stage_transfer_set,
                                          teacher_kwargs)
-from orchestrator.methods.student_stages import derived_config, stage_distill, stage_evaluate, stage_train
+from orchestrator.methods.common import derived_config
+from orchestrator.methods.student_stages import stage_distill, stage_evaluate, stage_train
 
 
 def stage_frozen_teacher(ctx) -> Path:

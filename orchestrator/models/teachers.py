@@ -189,36 +189,43 @@ def load_teacher(model_id: str, model_kwargs: dict | None = None) -> Teacher:
 
 def save_model_checkpoint(teacher: Teacher, path: str | Path, classes: list[str] | None = None,
                           extra: dict | None = None) -> Path:
-    """Write ``teacher`` as a self-describing file (format ``kt-model/1``), atomically.
+    """Write ``teacher`` as a self-describing file (format ``kt-model/1``; an ensemble: ``kt-ensemble/1``
+    holding its members' blobs), atomically.
 
     The file holds the random-init build id, model kwargs, backbone and head state dicts, preprocessing,
     classes and provenance, so ``checkpoint/<path>`` rebuilds it through the same backend code.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    blob = {
-        "format": CHECKPOINT_FORMAT, "build_id": teacher.build_id, "model_id": teacher.model_id,
-        "model_kwargs": teacher.model_kwargs, "feature_dim": teacher.feature_dim,
-        "preprocess": teacher.preprocess.to_dict(), "backbone": teacher.backbone.state_dict(),
-        "head": None if teacher.head is None else teacher.head.state_dict(),
-        "classes": classes, "provenance": teacher.provenance, "extra": extra or {},
-    }
+    blob = _blob(teacher, classes, extra)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     torch.save(blob, tmp)
     tmp.replace(path)
     return path
 
 
-def load_model_checkpoint(path: str | Path) -> Teacher:
-    """Rebuild a Teacher written by :func:`save_model_checkpoint`. Raises ModelLoadError if unusable."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ModelLoadError(f"checkpoint {path} does not exist; build it (kt pretrain-teacher) or fix the path")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means an unusable file
-        raise ModelLoadError(f"checkpoint {path} is unreadable ({e}); rebuild it") from None
-    if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
+def _blob(teacher: nn.Module, classes: list[str] | None, extra: dict | None) -> dict:
+    from orchestrator.models.ensemble import ENSEMBLE_FORMAT, EnsembleTeacher
+
+    if isinstance(teacher, EnsembleTeacher):  # the members' own blobs, so the file stands alone
+        return {"format": ENSEMBLE_FORMAT, "names": teacher.names, "classes": classes, "extra": extra or {},
+                "members": [_blob(m, classes, None) for m in teacher.members]}
+    return {
+        "format": CHECKPOINT_FORMAT, "build_id": teacher.build_id, "model_id": teacher.model_id,
+        "model_kwargs": teacher.model_kwargs, "feature_dim": teacher.feature_dim,
+        "preprocess": teacher.preprocess.to_dict(), "backbone": teacher.backbone.state_dict(),
+        "head": None if teacher.head is None else teacher.head.state_dict(),
+        "classes": classes, "provenance": teacher.provenance, "extra": extra or {},
+    }
+
+
+def _from_blob(blob: dict, path: Path) -> nn.Module:
+    from orchestrator.models.ensemble import ENSEMBLE_FORMAT, EnsembleTeacher
+
+    if blob.get("format") == ENSEMBLE_FORMAT:
+        return EnsembleTeacher([_from_blob(b, path) for b in blob["members"]], blob["names"],
+                               blob.get("classes")).eval()
+    if blob.get("format") != CHECKPOINT_FORMAT:
         raise ModelLoadError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint; write it with save_model_checkpoint")
     mid = parse_model_id(blob["build_id"])
     backbone, dim, _ = _build(mid, dict(blob["model_kwargs"]))
@@ -230,3 +237,19 @@ def load_model_checkpoint(path: str | Path) -> Teacher:
         head.load_state_dict(blob["head"])
     return Teacher(backbone, dim, Preprocess.from_dict(blob["preprocess"]), f"checkpoint/{path}", blob["build_id"],
                    blob["model_kwargs"], head, blob.get("provenance", ""), blob.get("classes")).eval()
+
+
+def load_model_checkpoint(path: str | Path) -> Teacher:
+    """Rebuild a Teacher written by :func:`save_model_checkpoint` (an
+    :class:`~orchestrator.models.ensemble.EnsembleTeacher` for an ensemble's file). Raises ModelLoadError if
+    unusable."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(f"checkpoint {path} does not exist; build it (kt pretrain-teacher) or fix the path")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means an unusable file
+        raise ModelLoadError(f"checkpoint {path} is unreadable ({e}); rebuild it") from None
+    if not isinstance(blob, dict):
+        raise ModelLoadError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint; write it with save_model_checkpoint")
+    return _from_blob(blob, path)

@@ -30,26 +30,30 @@ def blocks_dataset(n: int, blocks: int, images: np.ndarray | None = None):
 
 
 def teacher_inference(checkpoint: str, images: np.ndarray, out_dir: Path, batch_size: int = 512,
-                      actors: int = 2, gpus_per_actor: float = 0.0, features: bool = False):
+                      actors: int = 2, gpus_per_actor: float = 0.0, features: bool = False,
+                      views: tuple[np.ndarray, int] | None = None):
     """Run the adapted teacher over ``images`` ((N, H, W, C) uint8: an array, or a lazy view over image shards
     that the actors read from the storage) with a Ray Data actor pool.
 
     Each of ``actors`` actors loads the checkpoint once (1 CPU and ``gpus_per_actor`` GPUs each) and maps
     batches of ``batch_size``. Results stream back to the driver, which writes them to ``out_dir`` as parquet
     shards of ``(index, logits)`` (no Write tasks compete with the actors for CPUs). Returns (N, K) float32
-    logits, or with ``features`` the pair (logits, (N, D) float16 penultimate features).
+    logits, or with ``features`` the pair (logits, (N, D) float16 penultimate features). With ``views``
+    (``(params, k)``: :class:`~orchestrator.stages.teacher_outputs.TeacherPredictor`) the rows are the N x k
+    cached views, and every actor reads the images of its view rows itself.
     """
     import ray
 
     from orchestrator.stages.teacher_outputs import TeacherPredictor, write_outputs
 
     ensure_ray()
-    blocks = max(actors * 4, len(images) // 4096)
-    lazy = not isinstance(images, np.ndarray)  # image shards: each actor reads and decodes its own batches
-    ds = blocks_dataset(len(images), blocks, None if lazy else images)
+    # image shards, or views: each actor reads (and decodes) the images of its own batches
+    by_index = not isinstance(images, np.ndarray) or views is not None
+    n = len(views[0]) if views is not None else len(images)
+    ds = blocks_dataset(n, max(actors * 4, n // 4096), None if by_index else images)
     out = ds.map_batches(
         TeacherPredictor, fn_constructor_kwargs={"checkpoint": checkpoint, "num_threads": 1, "features": features,
-                                                 "images": images if lazy else None},
+                                                 "images": images if by_index else None, "views": views},
         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=batch_size, batch_format="numpy",
         num_cpus=1, num_gpus=gpus_per_actor)
-    return write_outputs(out.iter_batches(batch_size=None, batch_format="numpy"), out_dir, len(images), features)
+    return write_outputs(out.iter_batches(batch_size=None, batch_format="numpy"), out_dir, n, features)

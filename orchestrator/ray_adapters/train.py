@@ -49,9 +49,10 @@ def _train_fn(config: dict, report: Callable[[dict], None] | None = None) -> Non
     d, lab, val = _inputs(config["data"])
     online = cfg.teacher_outputs == "online"
     use_feat = cfg.feature_weight > 0
-    data = DistillData(open_images(d), None if online else open_array(d, "logits.npy"), lab,
+    data = DistillData(open_images(d), None if online else soft_labels(d, cfg, config["num_classes"]), lab,
                        online_teacher(resolve_ref(config["teacher_checkpoint"]), device) if online else None,
-                       open_array(d, "features.npy") if use_feat and not online else None)
+                       open_array(d, "features.npy") if use_feat and not online else None,
+                       open_array(d, "views.npy") if cfg.views else None, max(1, cfg.views))
     val = val if rank == 0 else None  # held-out labeled images: rank 0 reports the per-epoch selection metric
     torch.manual_seed(config["seed"])
     model = create_student(config["student"], config["num_classes"], pre, config["model_kwargs"])
@@ -59,8 +60,8 @@ def _train_fn(config: dict, report: Callable[[dict], None] | None = None) -> Non
         dim = data.teacher(np.asarray(data.images[:1]))[1].shape[1] if online else data.teacher_features.shape[1]
         model = FeatureStudent(model, int(dim))
     model = prepare_model(model, device)  # channels-last on CUDA
-    plan = distill_plan(len(data.images), cfg, world)  # the budget's steps, reporting epochs and LR schedule
-    opt, sched = make_optimizer(model, cfg, len(data.images), world)
+    plan = distill_plan(data.items, cfg, world)  # the budget's steps, reporting epochs and LR schedule
+    opt, sched = make_optimizer(model, cfg, data.items, world)
     start, log = session.restore(lambda p: load_state(p, model, opt, sched)) or (0, new_log())
     kt = f"[kt] {config['label']}: " if config.get("label") else "[kt] "  # a sweep's trials print side by side
     if start and rank == 0:
@@ -91,6 +92,20 @@ def _train_fn(config: dict, report: Callable[[dict], None] | None = None) -> Non
         session.report(metrics, lambda p: save_state(p, model, opt, sched, epoch, log))
         for hook in hooks:  # after the epoch's checkpoint (e.g. a test's fault injection)
             hook(epoch, rank)
+
+
+def soft_labels(entry, cfg, num_classes: int):
+    """The cached soft labels of a teacher-outputs entry: ``logits.npy`` rows ((N, K) or, with views,
+    (N x k, K) float32), or the top-k compressed rows of ``distill.view_topk``
+    (:class:`~orchestrator.stages.views.TopKSoftLabels`)."""
+    from orchestrator.data.shards import open_array
+
+    if cfg.views and cfg.view_topk is not None:
+        from orchestrator.stages.views import TopKSoftLabels
+
+        return TopKSoftLabels(open_array(entry, "soft_topk_classes.npy"), open_array(entry, "soft_topk_logprob.npy"),
+                              num_classes)
+    return open_array(entry, "logits.npy")
 
 
 def ray_ddp(model):

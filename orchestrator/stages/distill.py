@@ -41,6 +41,9 @@ class DistillData:
             the training device (the teacher applies its own preprocessing), run on every step instead of
             reading ``teacher_logits``/``teacher_features``.
         teacher_features: (N, D) float16 cached teacher features (needed when ``feature_weight > 0``).
+        views: cached views (:mod:`orchestrator.stages.views`): the (N x k, 7) float32 view parameters; the
+            items trained on are then the N x k views and ``teacher_logits`` holds one (N x k, K) row per view
+            (an array, or :class:`~orchestrator.stages.views.TopKSoftLabels`). k: views per image.
     """
 
     images: np.ndarray
@@ -48,6 +51,23 @@ class DistillData:
     labeled: ImageSet | None = None
     teacher: Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]] | None = None
     teacher_features: np.ndarray | None = None
+    views: np.ndarray | None = None
+    k: int = 1
+
+    @property
+    def items(self) -> int:
+        """What the budget's passes run over: N images, or N x k cached views."""
+        return len(self.views) if self.views is not None else len(self.images)
+
+    def inputs(self, v: np.ndarray, batch: np.ndarray, preprocess: Preprocess, augment, device) -> torch.Tensor:
+        """The student's (b, C, H, W) float32 input for items ``v`` ((b,) int64) whose images are ``batch``
+        ((b, H, W, C) uint8): the cached views' pixels (:func:`~orchestrator.stages.views.render_views`, never
+        augmented again), else the images augmented as ``augment`` says (:func:`model_input`)."""
+        if self.views is None:
+            return model_input(batch, slice(None), preprocess, augment, device)
+        from orchestrator.stages.views import render_views
+
+        return preprocess.from_unit(render_views(batch, self.views[v], device))
 
 
 def steps_per_epoch(n: int, cfg: DistillConfig, world: int = 1) -> int:
@@ -102,7 +122,8 @@ def distill_epoch(model: nn.Module, opt, sched, data: DistillData, preprocess: P
     Returns the mean loss (float).
 
     ``augment``: the task's augmentation (``data.augment_policy()``), used when ``cfg.augment``; None: the
-    label-preserving default (shift only, no flip).
+    label-preserving default (shift only, no flip). With cached views (``data.views``) the items are the views
+    and nothing is augmented on top of them.
 
     loss = kd_weight * kd_kl(student, teacher, T) + ce_weight * CE(student(labeled), labels)
            + feature_weight * feature_loss(proj(student features), teacher features)
@@ -117,8 +138,9 @@ def distill_epoch(model: nn.Module, opt, sched, data: DistillData, preprocess: P
     lab_rng = np.random.default_rng([seed, epoch, rank, 7])
     losses = []
     aug = (augment or True) if cfg.augment else None
-    for idx, batch in prefetched(data.images, distill_plan(len(data.images), cfg, world).batches(seed, epoch, rank)):
-        x = model_input(batch, slice(None), preprocess, aug, device)  # (B, C, H, W) float32
+    batches = list(distill_plan(data.items, cfg, world).batches(seed, epoch, rank))  # items: images or views
+    for idx, (_, batch) in zip(batches, prefetched(data.images, (b // data.k for b in batches))):
+        x = data.inputs(idx, batch, preprocess, aug, device)  # (B, C, H, W) float32
         if data.teacher is not None:
             t, tf = data.teacher(np.asarray(batch))  # (B, K), (B, D): a teacher forward every step
         else:
@@ -183,8 +205,8 @@ def distill_local(model: nn.Module, data: DistillData, preprocess: Preprocess, c
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     prepare_model(model, device)
-    plan = distill_plan(len(data.images), cfg)
-    opt, sched = make_optimizer(model, cfg, len(data.images))
+    plan = distill_plan(data.items, cfg)
+    opt, sched = make_optimizer(model, cfg, data.items)
     start, log_ = load_state(ckpt, model, opt, sched) if ckpt.exists() else (0, new_log())
     if start:
         log.info("resuming distillation from epoch %d (%s)", start, ckpt)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -87,23 +88,31 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 def fixmatch_train(model: nn.Module, preprocess: Preprocess, labeled: ImageSet, unlabeled: np.ndarray,
-                   cfg: FixMatchConfig, seed: int = 0, device: str = "cpu",
-                   augment: AugmentPolicy | None = None) -> tuple[nn.Module, dict]:
-    """Train ``model`` ((B, C, H, W) float32 -> (B, K) logits) with FixMatch for ``cfg.steps`` steps.
+                   cfg: FixMatchConfig, steps: int, seed: int = 0, device: str = "cpu",
+                   augment: AugmentPolicy | None = None,
+                   evaluate: Callable[[nn.Module], float] | None = None) -> tuple[nn.Module, dict]:
+    """Train ``model`` ((B, C, H, W) float32 -> (B, K) logits) with FixMatch for ``steps`` optimizer steps
+    (``cfg.batch_size`` labeled + ``cfg.mu`` x ``cfg.batch_size`` unlabeled images each).
 
     Args:
         labeled: the labeled target images (labels (N_l,) int64). unlabeled: (N_u, H, W, C) uint8 target
             images without labels (the labeled ones may be among them, as in the paper).
+        steps: optimizer steps (:func:`orchestrator.methods.fixmatch.fixmatch_budget`); the cosine LR spans them.
         augment: the task's policy (``data.augment_policy()``) for the weak view's flip and shift; None: the
             paper's flip + 12.5% shift.
+        evaluate: maps the EMA model (eval mode) to a top-1; called ``cfg.curve_points`` times, evenly over the
+            steps (the last at the end), for the log's ``curve``.
     Returns:
-        (the EMA model in eval mode, on ``device``; log ``{"loss", "mask_rate", "seconds"}``: per-step loss
-        and fraction of unlabeled images above the threshold, total wall seconds).
+        (the EMA model in eval mode, on ``device``; log ``{"loss", "mask_rate", "seconds", "images_seen",
+        "curve"}``: per-step loss and fraction of unlabeled images above the threshold, total wall seconds,
+        labeled + unlabeled images drawn (counted as drawn), and [(step, top-1)] of the EMA model).
     Raises:
-        ValueError: no labeled or no unlabeled images.
+        ValueError: no labeled or no unlabeled images, or steps < 1.
     """
     if not len(labeled) or not len(unlabeled):
         raise ValueError(f"FixMatch needs labeled and unlabeled images (got {len(labeled)} / {len(unlabeled)})")
+    if steps < 1:
+        raise ValueError(f"FixMatch needs at least one step, got {steps}")
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 3])
@@ -111,13 +120,14 @@ def fixmatch_train(model: nn.Module, preprocess: Preprocess, labeled: ImageSet, 
     ema = copy.deepcopy(model).eval()
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
                           weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: math.cos(7 * math.pi * k / (16 * cfg.steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: math.cos(7 * math.pi * k / (16 * steps)))
     weak = augment or PAPER_WEAK
     strong = StrongView(cfg.randaugment_ops, cfg.cutout, seed, weak)
     labels = torch.from_numpy(labeled.labels)
     b, bu = cfg.batch_size, cfg.mu * cfg.batch_size
-    log: dict = {"loss": [], "mask_rate": []}
-    for _ in range(cfg.steps):
+    points = {round(steps * (i + 1) / cfg.curve_points) for i in range(cfg.curve_points)} if evaluate else set()
+    log: dict = {"loss": [], "mask_rate": [], "images_seen": 0, "curve": []}
+    for step in range(1, steps + 1):
         li = rng.choice(len(labeled), size=b, replace=len(labeled) < b)
         ui = rng.choice(len(unlabeled), size=bu, replace=len(unlabeled) < bu)
         u = np.asarray(unlabeled[np.sort(ui)])
@@ -136,5 +146,8 @@ def fixmatch_train(model: nn.Module, preprocess: Preprocess, labeled: ImageSet, 
         ema_update(ema, model, cfg.ema_decay)
         log["loss"].append(float(loss.item()))
         log["mask_rate"].append(float(mask.mean().item()))
+        log["images_seen"] += len(li) + len(ui)
+        if step in points:
+            log["curve"].append((step, float(evaluate(ema.eval()))))
     log["seconds"] = time.perf_counter() - t0
     return ema.eval(), log

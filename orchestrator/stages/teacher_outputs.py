@@ -23,12 +23,15 @@ class TeacherPredictor:
         checkpoint: path of a ``kt-model/1`` file with a task head (written after adaptation).
         device: "cuda" when a GPU is visible to this worker, else "cpu".
         num_threads: torch intra-op threads for this worker (CPU).
-        images: a lazy :class:`~orchestrator.data.shards.ShardedImages`: batches may then carry only ``index``
-            and each actor reads and decodes its batch from the image shards.
+        images: a lazy :class:`~orchestrator.data.shards.ShardedImages` (or an array): batches may then carry
+            only ``index`` and each actor reads and decodes its batch from the image shards.
+        views: cached views (:mod:`orchestrator.stages.views`): ``(params, k)``, the (N x k, 7) float32 view
+            parameters and the views per image; ``index`` then counts views (row v: view v mod k of image
+            v div k of ``images``) and the teacher labels :func:`~orchestrator.stages.views.render_views` of each.
     """
 
     def __init__(self, checkpoint: str, device: str | None = None, num_threads: int | None = None,
-                 features: bool = False, images=None):
+                 features: bool = False, images=None, views: tuple[np.ndarray, int] | None = None):
         from orchestrator.models.teachers import load_model_checkpoint
 
         if num_threads:
@@ -37,6 +40,7 @@ class TeacherPredictor:
         self.teacher = prepare_model(load_model_checkpoint(checkpoint), self.device).eval()  # channels-last on CUDA
         self.features = features
         self.images = images
+        self.views = views
 
     @torch.no_grad()  # not inference_mode: online distillation uses the outputs as targets in a graph
     def outputs(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,9 +50,24 @@ class TeacherPredictor:
             f = self.teacher.features(x).float()  # (B, D) float32
             return self.teacher.head(f).float(), f
 
+    @torch.no_grad()
+    def view_outputs(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, H, W) float32 views in [0, 1] -> ((B, K) logits, (B, D) features), float32 on ``self.device``."""
+        x = self.teacher.preprocess.from_unit(to_device(views, self.device))  # (B, C', H', W') float32
+        with autocast(self.device):
+            f = self.teacher.features(x).float()  # (B, D) float32
+            return self.teacher.head(f).float(), f
+
     def __call__(self, batch: dict) -> dict:
-        images = batch["image"] if "image" in batch else self.images[np.asarray(batch["index"], np.int64)]
-        logits, f = self.outputs(images)
+        index = np.asarray(batch["index"], np.int64)
+        if self.views is not None:
+            from orchestrator.stages.views import render_views, view_rows
+
+            params, k = self.views
+            rows = view_rows(index, k)
+            logits, f = self.view_outputs(render_views(np.asarray(self.images[rows]), params[index]))
+        else:
+            logits, f = self.outputs(batch["image"] if "image" in batch else self.images[index])
         out = {"index": np.asarray(batch["index"], np.int64), "logits": logits.cpu().numpy()}  # (B, K) float32
         if self.features:
             out["features"] = f.half().cpu().numpy()  # (B, D) float16: targets of the feature loss
@@ -56,6 +75,11 @@ class TeacherPredictor:
 
 
 def _batches(pred: TeacherPredictor, images: np.ndarray, batch_size: int):
+    if pred.views is not None:  # view rows: the predictor reads their images
+        n = len(pred.views[0])
+        for s in range(0, n, batch_size):
+            yield pred({"index": np.arange(s, min(s + batch_size, n))})
+        return
     for s in range(0, len(images), batch_size):
         yield pred({"image": images[s:s + batch_size], "index": np.arange(s, min(s + batch_size, len(images)))})
 
@@ -66,12 +90,14 @@ def teacher_logits(checkpoint: str, images: np.ndarray, batch_size: int = 512) -
 
 
 def teacher_outputs_in_process(checkpoint: str, images: np.ndarray, out_dir: Path, batch_size: int = 512,
-                               features: bool = False):
+                               features: bool = False, views: tuple[np.ndarray, int] | None = None):
     """What the Ray Data adapter's ``teacher_inference`` returns and writes (the same parquet shards of
     ``(index, logits)`` under ``out_dir``), computed in this process: for passes too small to repay an actor
-    pool's start-up. Returns (N, K) float32 logits, or with ``features`` (logits, (N, D) float16 features)."""
-    return write_outputs(_batches(TeacherPredictor(checkpoint, features=features), images, batch_size), out_dir,
-                         len(images), features)
+    pool's start-up. Returns (N, K) float32 logits, or with ``features`` (logits, (N, D) float16 features).
+    With ``views`` (see :class:`TeacherPredictor`) the rows are the N x k views."""
+    pred = TeacherPredictor(checkpoint, features=features, images=images, views=views)
+    n = len(views[0]) if views is not None else len(images)
+    return write_outputs(_batches(pred, images, batch_size), out_dir, n, features)
 
 
 def write_outputs(batches, out_dir: Path, n: int, features: bool = False):
