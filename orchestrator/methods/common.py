@@ -3,6 +3,7 @@ derivation, cache lookup, atomic write, compute meter and record): teacher, adap
 outputs, distillation (Ray Train), supervised training and evaluation."""
 from __future__ import annotations
 
+import json
 import logging
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,7 +15,7 @@ from orchestrator.config import PipelineConfig, config_hash
 from orchestrator.data import TaskData, load_task_data, make_split
 from orchestrator.data.shards import save_images
 from orchestrator.data.splits import Split
-from orchestrator.graph import run_stage, stage_key
+from orchestrator.graph import run_stage, stage_inputs, stage_key
 from orchestrator.run_context import Ctx
 from orchestrator.stages.compute import Meter, StageCompute, forward_flops
 
@@ -248,6 +249,13 @@ def stage_transfer_set(ctx: Ctx, record_as: str = "transfer_set"):
     return ts
 
 
+def teacher_slot(cfg: PipelineConfig) -> str:
+    """What identifies an adapted teacher of this task before it is adapted (the config the ``adapted_teacher``
+    stage reads: the teacher, its ensemble and adaptation): a sweep's prepare step files each one under this."""
+    inputs = stage_inputs("adapted_teacher", cfg, {"teacher": "", "data": ""})
+    return config_hash({"config": inputs["config"], "derived": inputs["derived"]})
+
+
 def transfer_slot(ctx: Ctx) -> str:
     """What identifies a transfer set and its teacher outputs before they are built (the transfer-set recipe,
     its upstream keys and the teacher-outputs mode): the sweep's prepare step files each one under this."""
@@ -331,8 +339,12 @@ def stage_teacher_outputs(ctx: Ctx, ts, record_as: str = "teacher_inference") ->
         np.save(tmp / "features.npy", feats)  # (N, D) float16: the feature loss's targets
         return {"transfer_set": ts.description}
 
-    run = run_stage(ctx, "teacher_outputs", body, record_as=record_as, devices=max(1, actors),
-                    after=lambda r: {"teacher_forward_passes": 0 if (r.hit or online) else len(ts) * views})
+    def after(r) -> dict:  # the views and what their compression cost, as the entry recorded them
+        meta = json.loads((r.entry / "_meta.json").read_text())
+        return {"teacher_forward_passes": 0 if (r.hit or online) else len(ts) * views,
+                **{k: v for k, v in meta.items() if k == "views" or k.startswith("topk_")}}
+
+    run = run_stage(ctx, "teacher_outputs", body, record_as=record_as, devices=max(1, actors), after=after)
     if run.hit:
         log.info("teacher outputs cache hit (%s): teacher inference skipped", run.key)
     return run.entry

@@ -64,8 +64,7 @@ def prepare(name: str, space: SearchSpace, base: dict, parent_tracker, sweep_dir
     import torch
 
     from orchestrator.methods import METHODS
-    from orchestrator.methods.common import (load_data, stage_adapt, stage_data, stage_teacher,
-                                             stage_teacher_outputs, stage_transfer_set, transfer_slot)
+    from orchestrator.methods.common import load_data, stage_data, stage_teacher_outputs, stage_transfer_set, transfer_slot
     from orchestrator.run_context import Ctx
 
     cfg0 = resolve_config(base, source="(sweep base)")
@@ -74,14 +73,18 @@ def prepare(name: str, space: SearchSpace, base: dict, parent_tracker, sweep_dir
               else "cpu", task, split, nested_stages=False)
     stage_data(ctx, dcomp)
     sets: dict[str, dict] = {}
+    teachers: dict[str, dict] = {}
     if any(METHODS.get(m).uses_teacher for m in sweep_methods(space, base)):
-        stage_teacher(ctx)
-        stage_adapt(ctx)
-        shared = dict(ctx.keys)
-        for i, labels in enumerate(space.transfer_set_variants()):
-            ctx.cfg = resolve_config(apply_overrides(base, space.overrides(labels)),
-                                     source=f"(transfer set {describe(labels)})")
-            ctx.keys = dict(shared)
+        data_keys = dict(ctx.keys)
+        for i, labels in enumerate([None] + space.transfer_set_variants(), start=-1):  # None: the base teacher
+            ctx.cfg = resolve_config(apply_overrides(base, space.overrides(labels or {})),
+                                     source=f"(transfer set {describe(labels or {})})")
+            ctx.keys = dict(data_keys)
+            prepare_teacher(ctx, teachers)
+            if labels is None:
+                shared, base_teacher = dict(ctx.keys), (ctx.teacher_id, ctx.adapted, ctx.teacher_flops)
+                top1 = ctx.stages["adapt_teacher"]["top1"]
+                continue
             slot = transfer_slot(ctx)
             if slot in sets:
                 continue
@@ -95,14 +98,34 @@ def prepare(name: str, space: SearchSpace, base: dict, parent_tracker, sweep_dir
                      ts.description, n)
             del ts
         ctx.cfg, ctx.keys = cfg0, shared
-        parent_tracker.metrics({"teacher_top1": ctx.stages["adapt_teacher"]["top1"]})
+        ctx.teacher_id, ctx.adapted, ctx.teacher_flops = base_teacher
+        parent_tracker.metrics({"teacher_top1": top1})
     _carry_passes(sweep_dir / "transfer_sets.json", sets)
     passes = sum(s["teacher_forward_passes"] for s in sets.values())
     parent_tracker.metrics({"prepare.teacher_forward_passes": passes, "prepare.transfer_sets": len(sets)})
     return SweepContext(name=name, sweep_dir=str(sweep_dir), remote_dir=join(cfg0.storage_uri(), "sweeps", name),
                         base=base, space=space, teacher_id=ctx.teacher_id, keys=dict(ctx.keys),
                         adapted=str(ctx.adapted) if ctx.adapted else None, teacher_flops=int(ctx.teacher_flops),
-                        transfer_sets=sets)
+                        transfer_sets=sets, teachers=teachers)
+
+
+def prepare_teacher(ctx, teachers: dict[str, dict]) -> None:
+    """The adapted teacher of ``ctx.cfg`` (a sweep may vary ``teacher.ensemble``): adapted (cached) the first
+    time its :func:`~orchestrator.methods.common.teacher_slot` is met and filed in ``teachers``, else set on
+    ``ctx`` from there (keys, checkpoint, id, FLOPs)."""
+    from orchestrator.methods.common import stage_adapt, stage_teacher, teacher_slot
+
+    slot = teacher_slot(ctx.cfg)
+    if slot not in teachers:
+        ctx.adapted = None
+        stage_teacher(ctx)
+        stage_adapt(ctx)
+        teachers[slot] = {"adapted": str(ctx.adapted), "teacher_id": ctx.teacher_id,
+                          "teacher_flops": int(ctx.teacher_flops),
+                          "keys": {k: ctx.keys[k] for k in ("teacher", "adapted_teacher")}}
+    t = teachers[slot]
+    ctx.keys.update(t["keys"])
+    ctx.adapted, ctx.teacher_id, ctx.teacher_flops = Path(t["adapted"]), t["teacher_id"], t["teacher_flops"]
 
 
 def _carry_passes(previous: Path, sets: dict[str, dict]) -> None:

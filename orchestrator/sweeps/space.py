@@ -25,6 +25,8 @@ from pydantic import Field, ValidationError, model_validator
 from orchestrator.config import ConfigError, PipelineConfig, Strict, _explain, deep_merge, load_yaml, set_dotted
 
 FIXED_PREFIXES = ("data", "labels", "standin", "teacher", "storage", "tracking", "smoke", "name")
+# teacher keys a sweep may vary: each value's teacher is adapted once, before the trials start
+TEACHER_DIMS = ("teacher.ensemble",)
 
 
 class Dim(Strict):
@@ -159,7 +161,9 @@ class SearchSpace(Strict):
         return self.objective.compute is not None
 
     def transfer_set_keys(self) -> list[str]:
-        return [k for k in self.space if k.split(".")[0] == "transfer_set"]
+        """The dimensions the prepare step builds once per value, before the trials: the transfer-set keys and
+        the teacher's (:data:`TEACHER_DIMS`; each distinct teacher labels each distinct transfer set)."""
+        return [k for k in self.space if k.split(".")[0] == "transfer_set" or k in TEACHER_DIMS]
 
     def active(self, key: str, labels: dict[str, Any]) -> bool:
         """Whether ``key``'s ``when`` condition holds for the labels drawn so far."""
@@ -205,7 +209,8 @@ class SearchSpace(Strict):
         return count(0, ())
 
     def transfer_set_variants(self) -> list[dict[str, Any]]:
-        """Every combination of transfer-set labels a trial can draw (``when`` conditions applied; a condition
+        """Every combination of transfer-set (and teacher: :meth:`transfer_set_keys`) labels a trial can draw
+        (``when`` conditions applied; a condition
         on a non-transfer-set key may hold or not, so both branches are kept). Deduplicated."""
         keys = self.transfer_set_keys()
         out: list[dict] = []
@@ -270,12 +275,13 @@ def validate_keys(space: SearchSpace, source: str) -> None:
             errors.append(f"{where}.{key}: not a config key (see tasks/fashion_mnist.yaml for the sections)")
     for i, key in enumerate(keys):
         dim = space.space[key]
-        if key.split(".")[0] in FIXED_PREFIXES:
-            errors.append(f"space.{key}: every trial of a sweep shares the data, labels and adapted teacher; "
-                          "move it to `fixed`, or run one sweep per value")
-        if key.split(".")[0] == "transfer_set" and not dim.categorical:
-            errors.append(f"space.{key}: transfer-set dimensions must be `choice` (the teacher labels each "
-                          "distinct transfer set once, before the trials start)")
+        if key.split(".")[0] in FIXED_PREFIXES and key not in TEACHER_DIMS:
+            errors.append(f"space.{key}: every trial of a sweep shares the data, labels and teacher adaptation; "
+                          f"move it to `fixed`, or run one sweep per value (of the teacher, a sweep may vary "
+                          f"{', '.join(TEACHER_DIMS)})")
+        if key in space.transfer_set_keys() and not dim.categorical:
+            errors.append(f"space.{key}: transfer-set and teacher dimensions must be `choice` (each distinct "
+                          "teacher is adapted, and labels each distinct transfer set, once, before the trials)")
         for ref, want in (dim.when or {}).items():
             if ref not in keys[:i]:
                 errors.append(f"space.{key}.when: {ref!r} is not an earlier dimension of the space")

@@ -35,6 +35,8 @@ class SweepContext:
         adapted: the adapted teacher checkpoint (or None); teacher_flops: its forward FLOPs per image.
         transfer_sets: ``{transfer slot (methods.common.transfer_slot): {"dir", "keys", "key", "source",
             "description", "size", "teacher_forward_passes"}}``, written by the prepare stage.
+        teachers: ``{teacher slot (methods.common.teacher_slot): {"adapted", "teacher_id", "teacher_flops",
+            "keys"}}``: every adapted teacher the trials can draw (``teacher.ensemble`` may be a dimension).
     """
 
     name: str
@@ -47,6 +49,7 @@ class SweepContext:
     adapted: str | None
     teacher_flops: int
     transfer_sets: dict[str, dict] = field(default_factory=dict)
+    teachers: dict[str, dict] = field(default_factory=dict)
 
 
 def trial_config(sctx: SweepContext, labels: dict[str, Any]) -> PipelineConfig:
@@ -93,12 +96,16 @@ def _ctx(sctx: SweepContext, cfg: PipelineConfig, tdir: Path):
     from orchestrator.run_context import Ctx
     from orchestrator.tracking import NullTracker
 
+    from orchestrator.methods.common import teacher_slot
+
     task, split, _ = load_data(cfg)
+    t = sctx.teachers.get(teacher_slot(cfg)) or {"adapted": sctx.adapted, "teacher_id": sctx.teacher_id,
+                                                 "teacher_flops": sctx.teacher_flops, "keys": {}}
     # the trial driver holds no GPU (its Train workers do): finetuning on the few labels runs on its CPU
     return Ctx(cfg, Cache(cfg.storage_uri()), NullTracker(), tdir, "cpu", task, split,
-               teacher_flops=sctx.teacher_flops, adapted=Path(sctx.adapted) if sctx.adapted else None,
-               cpus_per_worker=sctx.space.resources.cpus_per_worker, keys=dict(sctx.keys),
-               teacher_id=sctx.teacher_id, prepared=sctx.transfer_sets, plots=False)
+               teacher_flops=t["teacher_flops"], adapted=Path(t["adapted"]) if t["adapted"] else None,
+               cpus_per_worker=sctx.space.resources.cpus_per_worker, keys={**sctx.keys, **t["keys"]},
+               teacher_id=t["teacher_id"], prepared=sctx.transfer_sets, plots=False)
 
 
 def finished_twin(sweep_dir: Path, tdir: Path, cfg: PipelineConfig) -> Path | None:
@@ -220,7 +227,7 @@ def _train(sctx: SweepContext, cfg: PipelineConfig, trial_id: str, tdir: Path, c
         "transfer_set_size": float(st.get("transfer_set", {}).get("size", 0)),
         "teacher_forward_passes": float(passes), "kt_final": 1.0, "kt_earlier": d.get("per_epoch") or {},
         **({"kt_execution": d["execution"]} if "execution" in d else {}),
-        "kt_tags": {"method": cfg.method, "teacher": sctx.teacher_id or "", "transfer_set.source": cfg.transfer_set.source,
+        "kt_tags": {"method": cfg.method, "teacher": ctx.teacher_id or "", "transfer_set.source": cfg.transfer_set.source,
                     "student": res.model_id, "trial_dir": str(tdir),
                     **{f"{k}.key": v for k, v in ctx.keys.items() if k in LINEAGE_STAGES}},
     }

@@ -123,7 +123,7 @@ def test_fixmatch_and_simclr_train_from_a_lazy_set_batch_by_batch(folder, tmp_pa
     pre = Preprocess(3, (32, 32), (0.5,) * 3, (0.25,) * 3)
     torch.manual_seed(0)
     student = create_student("timm/resnet10t", 3, pre, TINY_RESNET)
-    _, flog = fixmatch_train(student, pre, labeled, unlabeled, FixMatchConfig(steps=3, batch_size=4, mu=2), 0)
+    _, flog = fixmatch_train(student, pre, labeled, unlabeled, FixMatchConfig(batch_size=4, mu=2), 3, 0)
     assert len(flog["loss"]) == 3 and np.isfinite(flog["loss"]).all()
     losses = pretrain_simclr(create_student("timm/resnet10t", 0, pre, TINY_RESNET), student.num_features, unlabeled,
                              pre, epochs=1, batch_size=8, lr=1e-3, weight_decay=0.0, temperature=0.2, proj_dim=16)
