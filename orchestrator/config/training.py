@@ -148,7 +148,12 @@ class DistillConfig(BudgetConfig):
     Budget (:class:`BudgetConfig`): ``steps`` or ``epochs``; default 2,000 optimizer steps whatever the
     transfer set's size (reported every 100 steps), so 1,300 images get as much training as 60,000 would
     (15 epochs of 59,400 images at batch 256 on 2 workers were 1,740 steps; 15 epochs of 1,337 images were 45).
-    ``epochs: N`` keeps the old per-pass budget."""
+    ``epochs: N`` keeps the old per-pass budget.
+
+    Cached views (``views`` = K >= 1; FKD, Shen & Xing 2022): each transfer image's K views are drawn once from
+    the task's policy (``data.augment``, with a random-resized crop of area in [``view_min_area``, 1]) and
+    labelled by the teacher once; the budget's passes then run over the N x K views, and ``augment`` is not
+    applied on top (the student's input is the crop the teacher labelled: :mod:`orchestrator.stages.views`)."""
 
     DEFAULT_BUDGET: ClassVar[Budget] = Budget("steps", 2000)
 

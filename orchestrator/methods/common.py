@@ -258,9 +258,11 @@ def teacher_slot(cfg: PipelineConfig) -> str:
 
 def transfer_slot(ctx: Ctx) -> str:
     """What identifies a transfer set and its teacher outputs before they are built (the transfer-set recipe,
-    its upstream keys and the teacher-outputs mode): the sweep's prepare step files each one under this."""
-    return config_hash({"transfer_set": stage_key("transfer_set", ctx.cfg, ctx.keys),
-                        "mode": ctx.cfg.distill.teacher_outputs, "adapted": ctx.keys.get("adapted_teacher")})
+    its upstream keys, and what the teacher-outputs stage reads: the mode, the cached views): the sweep's prepare
+    step files each one under this."""
+    outputs = stage_inputs("teacher_outputs", ctx.cfg, {"adapted_teacher": "", "transfer_set": ""})["config"]
+    return config_hash({"transfer_set": stage_key("transfer_set", ctx.cfg, ctx.keys), "outputs": outputs,
+                        "adapted": ctx.keys.get("adapted_teacher")})
 
 
 def inference_actors(ctx: Ctx, images: int, flops_per_image: float, actors: int) -> int:

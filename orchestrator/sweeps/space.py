@@ -27,6 +27,8 @@ from orchestrator.config import ConfigError, PipelineConfig, Strict, _explain, d
 FIXED_PREFIXES = ("data", "labels", "standin", "teacher", "storage", "tracking", "smoke", "name")
 # teacher keys a sweep may vary: each value's teacher is adapted once, before the trials start
 TEACHER_DIMS = ("teacher.ensemble",)
+# what the teacher outputs are of (cached views): each value's outputs are made once, before the trials start
+OUTPUT_DIMS = ("distill.views", "distill.view_min_area", "distill.view_topk")
 
 
 class Dim(Strict):
@@ -161,9 +163,10 @@ class SearchSpace(Strict):
         return self.objective.compute is not None
 
     def transfer_set_keys(self) -> list[str]:
-        """The dimensions the prepare step builds once per value, before the trials: the transfer-set keys and
-        the teacher's (:data:`TEACHER_DIMS`; each distinct teacher labels each distinct transfer set)."""
-        return [k for k in self.space if k.split(".")[0] == "transfer_set" or k in TEACHER_DIMS]
+        """The dimensions the prepare step builds once per value, before the trials: the transfer-set keys, the
+        teacher's (:data:`TEACHER_DIMS`; each distinct teacher labels each distinct transfer set) and the cached
+        views' (:data:`OUTPUT_DIMS`)."""
+        return [k for k in self.space if k.split(".")[0] == "transfer_set" or k in TEACHER_DIMS + OUTPUT_DIMS]
 
     def active(self, key: str, labels: dict[str, Any]) -> bool:
         """Whether ``key``'s ``when`` condition holds for the labels drawn so far."""
@@ -280,8 +283,9 @@ def validate_keys(space: SearchSpace, source: str) -> None:
                           f"move it to `fixed`, or run one sweep per value (of the teacher, a sweep may vary "
                           f"{', '.join(TEACHER_DIMS)})")
         if key in space.transfer_set_keys() and not dim.categorical:
-            errors.append(f"space.{key}: transfer-set and teacher dimensions must be `choice` (each distinct "
-                          "teacher is adapted, and labels each distinct transfer set, once, before the trials)")
+            errors.append(f"space.{key}: transfer-set, teacher and view dimensions must be `choice` (each "
+                          "distinct teacher is adapted, and labels each distinct transfer set and its views, "
+                          "once, before the trials)")
         for ref, want in (dim.when or {}).items():
             if ref not in keys[:i]:
                 errors.append(f"space.{key}.when: {ref!r} is not an earlier dimension of the space")

@@ -47,7 +47,7 @@ def test_shipped_spaces_validate_against_the_demo_task():
     ({"space": {"distill.lr": {"uniform": [0.1, 0.2], "choice": [1]}}}, "exactly one of"),
     ({"space": {"student": {"choice": [{"id": "timm/resnet10t"}]}}}, "name them"),
     ({"space": {"distill.lr": {"choice": []}}}, "choice is empty"),
-    ({"space": {"transfer_set.max_images": {"int": [10, 20]}}}, "transfer-set and teacher dimensions must be `choice`"),
+    ({"space": {"transfer_set.max_images": {"int": [10, 20]}}}, "transfer-set, teacher and view dimensions must be `choice`"),
     ({"space": {"teacher.adapt": {"choice": ["linear_probe", "finetune"]}}}, "shares the data, labels and teacher"),
     ({"space": {"distill.lr": {"uniform": [0.1, 0.2], "when": {"distill.epochs": 3}}}}, "not an earlier dimension"),
     ({"space": {"distill.epochs": {"int": [1, 3]},
@@ -93,6 +93,16 @@ def test_transfer_set_variants_follow_conditions():
     assert v == [{"transfer_set.source": "target_unlabeled", "transfer_set.max_images": 100},
                  {"transfer_set.source": "target_unlabeled", "transfer_set.max_images": 200},
                  {"transfer_set.source": "retrieval", "transfer_set.retrieval.budget": 300}]
+
+
+def test_teacher_and_view_dimensions_are_prepared_once_per_value():
+    sp = load_space({"name": "t", "space": {
+        "teacher.ensemble": {"choice": {"one": [], "two": [{"id": "pypi/efficientnet_lite1"}]}},
+        "distill.views": {"choice": [0, 4]}, "distill.temperature": {"uniform": [1, 4]}}})
+    assert sp.transfer_set_keys() == ["teacher.ensemble", "distill.views"]
+    assert len(sp.transfer_set_variants()) == 4
+    assert "distill.views: transfer-set, teacher and view dimensions must be `choice`" in errors(
+        {"name": "t", "space": {"distill.views": {"int": [0, 8]}}}).replace("space.", "")
 
 
 def test_define_by_run_draws_only_active_dimensions_and_expands_sections():
