@@ -1,6 +1,6 @@
 """What each part of task-oriented transfer buys, at the same student steps (issue 27): cached augmented views
 (K = 0, 1, 4, 8; FKD's top-k compression), one teacher against an ensemble, an ImageNet-initialised student
-against the same network from scratch; then the best variant over seeds.
+against the same network from scratch, FixMatch at the distillation's images seen; then the best over seeds.
 
 Every row is one whole ``kt run`` (``orchestrator.commands.run.run``) of ``tasks/<task>.yaml`` with the
 protocol's overrides (a transfer set of ``--transfer`` target images, ``--steps`` distillation steps in this
@@ -15,6 +15,7 @@ Usage::
 
     .venv/bin/python benchmarks/transfer_ablation.py [--variants plain,K1,K4,K8] [--seeds 0] \\
         [--storage /tmp/kt_ablation] [--transfer 5000] [--steps 1000] [--set key=value ...]
+    .venv/bin/python benchmarks/transfer_ablation.py --table     # the rows so far, as a markdown table
 """
 from __future__ import annotations
 
@@ -34,15 +35,19 @@ ENSEMBLE = ("teacher.ensemble=[{id: pypi/efficientnet_lite1, model_kwargs: {inpu
 LITE0 = ["distill.batch_size=128"]  # 14.6 MFLOPs/img students: 1.75 s a step here
 VARIANTS: dict[str, list[str]] = {
     "plain": ["distill.views=0"],  # the images as they are (the task's distill.augment: false)
-    "K1": ["distill.views=1"],
+    "K1": ["distill.views=1"],  # views from the task's policy (Fashion-MNIST: shift and flip, no crop)
     "K4": ["distill.views=4"],
     "K8": ["distill.views=8"],
+    "K1_crop35": ["distill.views=1", "distill.view_min_area=0.35"],  # a stronger policy: crops of 35-100% area
+    "K4_crop35": ["distill.views=4", "distill.view_min_area=0.35"],
     "K4_top2": ["distill.views=4", "distill.view_topk=2"],  # FKD's label compression, its top-1 cost
     "ensemble_plain": ["distill.views=0", ENSEMBLE],
     "ensemble_K4": ["distill.views=4", ENSEMBLE],
     # the same network with and without ImageNet weights (EfficientNet-Lite0 at 28 px, 3.4 M params)
     "lite0_imagenet_K4": ["distill.views=4", "student.id=pypi/efficientnet_lite0", *LITE0],
     "lite0_scratch_K4": ["distill.views=4", "student.id=timm/tf_efficientnet_lite0", *LITE0],
+    # FixMatch on the same number of target images, for the images the distillation sees (its default budget)
+    "fixmatch": ["method=fixmatch", "fixmatch.max_unlabeled={transfer}"],
 }
 STAGES = ("adapt_teacher", "teacher_inference", "distill", "finetune", "baseline")
 
@@ -52,8 +57,9 @@ def run_row(task: str, variant: str, seed: int, storage: Path, protocol: list[st
     from orchestrator.commands.run import run
     from orchestrator.config import load_config
 
+    transfer = next(o.split("=")[1] for o in protocol if o.startswith("transfer_set.max_images="))
     over = [f"storage={storage}", f"seed={seed}", "teacher.seed=0", f"tracking.experiment=ablation_{task}",
-            *protocol, *VARIANTS[variant]]
+            *protocol, *(o.replace("{transfer}", transfer) for o in VARIANTS[variant])]
     if variant != "plain":  # the supervised-only student of a seed is the same in every row: the plain row's
         over.append("baseline.enabled=false")
     if variant.startswith("lite0"):  # 14.6 MFLOPs per image: a fifth of the steps fit
@@ -70,7 +76,12 @@ def run_row(task: str, variant: str, seed: int, storage: Path, protocol: list[st
            "final_top1": res.metrics.get("student_top1"), "supervised_top1": res.metrics.get("baseline_top1"),
            "teacher_forward_passes": res.stages.get("teacher_inference", {}).get("teacher_forward_passes"),
            "cpu_seconds": cpu, "cpu_minutes_total": sum(cpu.values()) / 60, "wall_s": time.perf_counter() - t0,
-           "topk": {k: v for k, v in res.stages.get("teacher_inference", {}).items() if k.startswith("topk_")}}
+           "topk": {k: v for k, v in res.stages.get("teacher_inference", {}).items() if k.startswith("topk_")},
+           "fixmatch": {k: v for k, v in res.stages.get("fixmatch", {}).items()
+                        if k in ("steps", "images_seen", "images_seen_budget", "curve", "mask_rate", "cpu_seconds")}}
+    if row["fixmatch"]:
+        row["cpu_seconds"]["fixmatch"] = row["fixmatch"]["cpu_seconds"]
+        row["cpu_minutes_total"] = sum(row["cpu_seconds"].values()) / 60
     logging.info("%s seed %d: %s", variant, seed, json.dumps(row))
     return row
 
@@ -86,6 +97,27 @@ def done(path: Path) -> set[tuple[str, str, int]]:
     return {(r["task"], r["variant"], r["seed"]) for r in rows}
 
 
+def table(path: Path) -> str:
+    """The rows of ``path`` as a markdown table: per (variant, seed) the teacher's, distilled and final top-1 (%),
+    the final's gain over the seed's supervised-only student (its ``plain`` row), teacher passes, and CPU minutes of
+    the teacher adaptation (all members), the teacher inference and the student's training (distillation, or
+    FixMatch, plus the finetune)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    sup = {r["seed"]: r["supervised_top1"] for r in rows if r["variant"] == "plain"}
+    pct = lambda v: "—" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    out = ["| variant | seed | student | steps | teacher | distilled | final | final − supervised | teacher "
+           "passes | CPU min: adapt / inference / student |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cpu = r["cpu_seconds"]
+        student = cpu.get("distill", 0) + cpu.get("fixmatch", 0) + cpu.get("finetune", 0)
+        gain = f"{100 * (r['final_top1'] - sup[r['seed']]):+.2f}" if r["seed"] in sup else "—"
+        out.append(f"| {r['variant']} | {r['seed']} | {r['student']} | {r['distill_steps']} | "
+                   f"{pct(r['teacher_top1'])} | {pct(r['distilled_top1'])} | {pct(r['final_top1'])} | {gain} | "
+                   f"{r['teacher_forward_passes'] or 0} | {cpu.get('adapt_teacher', 0) / 60:.1f} / "
+                   f"{cpu.get('teacher_inference', 0) / 60:.1f} / {student / 60:.1f} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", default="fashion_mnist")
@@ -96,7 +128,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1000, help="distillation steps (lite0 students: a fifth)")
     ap.add_argument("--set", action="append", default=[], help="more overrides for every row")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--table", action="store_true", help="print the rows of --out as a markdown table and stop")
     args = ap.parse_args()
+    if args.table:
+        print(table(Path(args.out)))
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     protocol = [f"transfer_set.max_images={args.transfer}", f"distill.steps={args.steps}", "distill.num_workers=0",
                 *args.set]

@@ -54,7 +54,7 @@ _VIEWS = ("distill.views", "distill.view_min_area", "distill.view_topk")  # what
 # Fields added after keys were published: at these values a field is left out of every key, so an entry cached
 # before it existed keeps its key (tests/unit/test_key_stability.py); any other value enters the key.
 ADDED_AT_DEFAULT: dict[str, Any] = {"teacher.ensemble": [], "distill.views": 0,
-                                    "distill.view_min_area": 0.35, "distill.view_topk": None}
+                                    "distill.view_min_area": None, "distill.view_topk": None}
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("data", ("data", "labels"), (), None, _READ),
     Stage("teacher", ("teacher.id", "teacher.model_kwargs")),

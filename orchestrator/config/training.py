@@ -151,7 +151,8 @@ class DistillConfig(BudgetConfig):
     ``epochs: N`` keeps the old per-pass budget.
 
     Cached views (``views`` = K >= 1; FKD, Shen & Xing 2022): each transfer image's K views are drawn once from
-    the task's policy (``data.augment``, with a random-resized crop of area in [``view_min_area``, 1]) and
+    the task's policy (``data.augment``; the random-resized crop's area in [``view_min_area``, 1], by default the
+    policy's own ``crop_scale``) and
     labelled by the teacher once; the budget's passes then run over the N x K views, and ``augment`` is not
     applied on top (the student's input is the crop the teacher labelled: :mod:`orchestrator.stages.views`)."""
 
@@ -180,8 +181,9 @@ class DistillConfig(BudgetConfig):
     views: int = Field(0, ge=0, description="cached augmented views per transfer image (FKD, Shen & Xing 2022): "
                        "K views drawn once from the task's policy, each labelled by the teacher; the student "
                        "trains on exactly those crops (0: the images as they are)")
-    view_min_area: float = Field(0.35, gt=0, le=1, description="views: the random-resized crop's smallest area "
-                                 "fraction (the policy's strength; 1: shift and flip only)")
+    view_min_area: float | None = Field(None, gt=0, le=1, description="views: the random-resized crop's "
+                                        "smallest area fraction (the policy's strength; 1: shift and flip only) "
+                                        "[the task policy's crop_scale]")
     view_topk: int | None = Field(None, gt=0, description="views: store each view's top-k probabilities and "
                                   "spread the rest of the mass evenly over the other classes (FKD's label "
                                   "compression); None: all classes")

@@ -304,7 +304,9 @@ def label_views(ctx: Ctx, ts, tmp: Path, actors: int) -> dict:
     from orchestrator.stages.views import compress, compression_cost, draw_views
 
     d = ctx.cfg.distill
-    params = draw_views(len(ts), d.views, ctx.cfg.data.augment_policy(), d.view_min_area, ctx.cfg.transfer_set.seed)
+    policy = ctx.cfg.data.augment_policy()
+    min_area = policy.crop_scale[0] if d.view_min_area is None else d.view_min_area
+    params = draw_views(len(ts), d.views, policy, min_area, ctx.cfg.transfer_set.seed)
     np.save(tmp / "views.npy", params)
     logits = frozen_model_outputs(ctx, ctx.adapted, ts.images, tmp / "shards", ctx.cfg.teacher.inference_batch_size,
                                   actors, f"teacher inference ({d.views} views per image)", (params, d.views))

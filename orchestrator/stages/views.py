@@ -3,8 +3,8 @@ Recognition", ECCV 2022, arXiv 2112.01528; function matching: Beyer et al., "Kno
 teacher is patient and consistent", CVPR 2022, arXiv 2106.05237).
 
 For each transfer image, K views are drawn once from the task's label-preserving policy (a random-resized-crop
-box of area in [``view_min_area``, 1] and aspect in [3/4, 4/3], the policy's shift, its flip where allowed, its
-brightness/contrast), seeded; the teacher labels every view once (teacher inference over N x K views) and the
+box of area in [``view_min_area``, 1] (default the policy's ``crop_scale``) and aspect in [3/4, 4/3], the
+policy's shift, its flip where allowed, its brightness/contrast), seeded; the teacher labels every view once (teacher inference over N x K views) and the
 student trains on exactly those views. The transfer set becomes N x K rows: row ``v`` is view ``v mod K`` of
 image ``v div K``; its parameters are row ``v`` of ``views.npy`` and its soft label row ``v`` of the cached
 logits. One function, :func:`render_views`, makes a view's pixels for the teacher and for the student, so the
