@@ -18,7 +18,8 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 # the sections live in modules of their own; every config class is importable from here
 from orchestrator.config.base import ConfigError, Strict  # noqa: F401
 from orchestrator.config.methods import (FixMatchConfig, PretrainedInitConfig, SourceDistillConfig,  # noqa: F401
-                                         SourceEntry, SourceTransferConfig, SSLConfig, TaskAgnosticConfig)
+                                         SourceEntry, SourceTransferConfig, SSLConfig, StandinConfig,
+                                         TaskAgnosticConfig)
 from orchestrator.config.training import (GLYPH_DATASETS, AugmentPolicy, BaselineConfig, Budget,  # noqa: F401
                                           BudgetConfig, DistillConfig, FinetuneConfig, TrainConfig)
 
@@ -87,24 +88,6 @@ class LabelsConfig(Strict):
                 "e.g. 0.01 for 1% labels"
             )
         return self
-
-
-class StandinConfig(Strict):
-    """How ``kt pretrain-teacher`` builds the local stand-in for a VFM: SimCLR (Chen et al. 2020) with
-    lightly's NT-Xent loss on the task's *unlabeled* images only, no target labels."""
-
-    arch: str = "timm/resnet18"
-    model_kwargs: dict[str, Any] = Field(default_factory=dict)
-    input_size: int = Field(32, gt=0)
-    channels: Literal[1, 3] = 3
-    epochs: int = Field(6, gt=0)
-    batch_size: int = Field(256, gt=1)
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = 1e-4
-    temperature: float = Field(0.2, gt=0)
-    proj_dim: int = Field(128, gt=0)
-    max_images: int | None = Field(None, gt=0)
-    seed: int = 0
 
 
 class TeacherMember(Strict):

@@ -3,13 +3,12 @@ distillation, SSL pretraining, ImageNet init) and paper 2's source zoo and FixMa
 :mod:`orchestrator.config`."""
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from orchestrator.config.base import Strict
-from orchestrator.config.training import (EXECUTION_HELP, Budget, BudgetConfig, Execution, TrainConfig,
-                                          check_execution)
+from orchestrator.config.training import DistillRunConfig, TrainConfig, check_execution
 
 
 class TaskAgnosticConfig(Strict):
@@ -21,9 +20,9 @@ class TaskAgnosticConfig(Strict):
     finetune: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=50, lr=1e-3))
 
 
-class SSLConfig(Strict):
-    """Paper 1's self-supervised baseline: the student pretrained by SimCLR (lightly's NT-Xent) on the transfer
-    set's images, then ``finetune`` on the labels."""
+class SimCLRSettings(Strict):
+    """SimCLR pretraining (Chen et al. 2020; lightly's NT-Xent at ``temperature``, a ``proj_dim`` projection):
+    what the stand-in teacher and the SSL baseline share."""
 
     epochs: int = Field(5, gt=0)
     batch_size: int = Field(256, gt=1)
@@ -31,7 +30,26 @@ class SSLConfig(Strict):
     weight_decay: float = 1e-4
     temperature: float = Field(0.2, gt=0)
     proj_dim: int = Field(128, gt=0)
+
+
+class SSLConfig(SimCLRSettings):
+    """Paper 1's self-supervised baseline: the student pretrained by SimCLR (lightly's NT-Xent) on the transfer
+    set's images, then ``finetune`` on the labels."""
+
     finetune: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=50, lr=1e-3))
+
+
+class StandinConfig(SimCLRSettings):
+    """How ``kt pretrain-teacher`` builds the local stand-in for a VFM: SimCLR (Chen et al. 2020) with
+    lightly's NT-Xent loss on the task's *unlabeled* images only, no target labels."""
+
+    arch: str = "timm/resnet18"
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    input_size: int = Field(32, gt=0)
+    channels: Literal[1, 3] = 3
+    epochs: int = Field(6, gt=0)
+    max_images: int | None = Field(None, gt=0)
+    seed: int = 0
 
 
 class PretrainedInitConfig(Strict):
@@ -61,22 +79,14 @@ class SourceEntry(Strict):
     description: str = ""
 
 
-class SourceDistillConfig(BudgetConfig):
+class SourceDistillConfig(DistillRunConfig):
     """The (multi-)source distillation run of paper 2's methods (the student on the transfer set).
 
     Budget (:class:`~orchestrator.config.training.BudgetConfig`), as paper 1's ``distill``: default 2,000
     optimizer steps whatever the transfer set's size (reported every 100); ``epochs: N`` is the per-pass
     alternative. Batches, steps and the warm-up + cosine schedule come from ``stages.schedule.distill_plan``."""
 
-    DEFAULT_BUDGET: ClassVar[Budget] = Budget("steps", 2000)
-
-    batch_size: int = Field(256, gt=0)
-    lr: float = Field(3e-3, gt=0)
-    weight_decay: float = 5e-4
     augment: bool = False
-    num_workers: int = Field(2, ge=0, description="Ray Train workers; 0: in this process")
-    use_gpu: bool = False
-    execution: Execution = Field("auto", description=EXECUTION_HELP)
     backend: Literal["ray", "local"] = Field(
         "ray", description="local: the same as execution: in_process (kept for older configs); ray: as "
         "execution says (orchestrator/ray_adapters/multi_train.py)")

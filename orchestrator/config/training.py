@@ -142,7 +142,23 @@ class TrainConfig(BudgetConfig):
                             "finetuning a pretrained model on a few images of another domain")
 
 
-class DistillConfig(BudgetConfig):
+class DistillRunConfig(BudgetConfig):
+    """What every distillation run on a transfer set shares (paper 1's ``distill``, paper 2's
+    ``sources.distill``): batches, optimiser, augmentation, and where the loop runs (``num_workers`` Ray Train
+    workers, ``execution``). Budget (:class:`BudgetConfig`): default 2,000 optimizer steps."""
+
+    DEFAULT_BUDGET: ClassVar[Budget] = Budget("steps", 2000)
+
+    batch_size: int = Field(256, gt=0)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = 5e-4
+    augment: bool = True
+    num_workers: int = Field(2, ge=0, description="Ray Train workers; 0: in this process")
+    use_gpu: bool = False
+    execution: Execution = Field("auto", description=EXECUTION_HELP)
+
+
+class DistillConfig(DistillRunConfig):
     """Student distillation on the transfer set (Hinton et al. 2015 KD; Vemulapalli et al. 2024 stage 2).
 
     Budget (:class:`BudgetConfig`): ``steps`` or ``epochs``; default 2,000 optimizer steps whatever the
@@ -156,8 +172,6 @@ class DistillConfig(BudgetConfig):
     labelled by the teacher once; the budget's passes then run over the N x K views, and ``augment`` is not
     applied on top (the student's input is the crop the teacher labelled: :mod:`orchestrator.stages.views`)."""
 
-    DEFAULT_BUDGET: ClassVar[Budget] = Budget("steps", 2000)
-
     temperature: float = Field(4.0, gt=0)
     kd_weight: float = Field(1.0, ge=0)
     ce_weight: float = Field(0.0, ge=0, description="cross-entropy on the labeled subset, mixed in each step")
@@ -168,13 +182,6 @@ class DistillConfig(BudgetConfig):
         "cosine", description="the feature loss: 1 - cosine, or InfoNCE over the batch (the other images' teacher "
         "features are the negatives)")
     feature_temperature: float = Field(0.1, gt=0, description="InfoNCE temperature")
-    batch_size: int = Field(256, gt=0)
-    lr: float = Field(3e-3, gt=0)
-    weight_decay: float = 5e-4
-    augment: bool = True
-    num_workers: int = Field(2, ge=0, description="Ray Train workers; 0: in this process")
-    use_gpu: bool = False
-    execution: Execution = Field("auto", description=EXECUTION_HELP)
     teacher_outputs: Literal["cached", "online"] = Field(
         "cached", description="cached: the teacher labels each transfer image once, before training; online: "
         "every step runs the teacher on its batch (the usual KD loop; the reference the cache is measured against)")

@@ -140,27 +140,28 @@ def _adapt_ensemble(ctx: Ctx, members) -> Path:
     from orchestrator.models.ensemble import EnsembleTeacher
     from orchestrator.models.teachers import load_model_checkpoint
 
-    adapted: list[tuple[str, Path, str]] = []
+    adapted: list[tuple[str, Path, str]] = []  # (key, checkpoint, model id) of each member
     for i, member in enumerate(members):
         with derived_config(ctx, ctx.cfg.model_copy(update={"teacher": member})):
             stage_teacher(ctx)
             path = stage_adapt(ctx, f"adapt_teacher_{i}", f"teacher {i}")
-            size = member.model_kwargs.get("input_size") or load_model_checkpoint(path).preprocess.size[0]
-            adapted.append((ctx.keys["adapted_teacher"], path, f"{member.id}@{size}"))
+            adapted.append((ctx.keys["adapted_teacher"], path, member.id))
     stage_teacher(ctx)  # the first member's id and key again
 
     def build(c: StageCompute):  # the members' compute is in their own records
-        return EnsembleTeacher([load_model_checkpoint(p) for _, p, _ in adapted], [n for _, _, n in adapted])
+        teachers = [load_model_checkpoint(p) for _, p, _ in adapted]
+        names = [f"{mid}@{t.preprocess.size[0]}" for (_, _, mid), t in zip(adapted, teachers)]
+        return EnsembleTeacher(teachers, names)
 
-    name = "ensemble(" + ", ".join(n for _, _, n in adapted) + ")"
-    return _adapted_entry(ctx, build, "teacher ensemble (mean of probabilities)", name,
+    return _adapted_entry(ctx, build, "teacher ensemble (mean of probabilities)", None,
                           content={"members": [k for k, _, _ in adapted]})
 
 
-def _adapted_entry(ctx: Ctx, build, role: str, model: str, record_as: str = "adapt_teacher",
+def _adapted_entry(ctx: Ctx, build, role: str, model: str | None, record_as: str = "adapt_teacher",
                    content: dict | None = None) -> Path:
     """The ``adapted_teacher`` stage around ``build(compute) -> teacher``: the checkpoint and its test evaluation
-    cached, the table row and the record ``record_as``."""
+    cached, the table row and the record ``record_as``. ``model`` names the teacher in the table (None: the
+    built teacher's own ``model_id``, an ensemble's)."""
     from orchestrator.models.teachers import load_model_checkpoint, save_model_checkpoint
     from orchestrator.stages.evaluate import EvalResult, evaluate, plot_confusion
 
@@ -179,7 +180,7 @@ def _adapted_entry(ctx: Ctx, build, role: str, model: str, record_as: str = "ada
         res, secs = test_eval(teacher)
         np.savez(tmp / "test_eval.npz", top1=res.top1, per_class=res.per_class, confusion=res.confusion,
                  seconds=secs)
-        return {"teacher": model}
+        return {"teacher": model or teacher.model_id}
 
     def after(run) -> dict:
         teacher = load_model_checkpoint(run.entry / "teacher.pt")
@@ -193,7 +194,7 @@ def _adapted_entry(ctx: Ctx, build, role: str, model: str, record_as: str = "ada
             res, secs = test_eval(teacher)
         ctx.tracker.artifact(plot_confusion(res, ctx.run_dir / f"confusion_{record_as.replace('adapt_', '')}.png",
                                             f"adapted {role} {res.top1:.4f}"))
-        ctx.table.append({"model": model, "role": role, "top1": res.top1, "flops": ctx.teacher_flops,
+        ctx.table.append({"model": model or teacher.model_id, "role": role, "top1": res.top1, "flops": ctx.teacher_flops,
                           "params": params(teacher)})
         return {"top1": res.top1, "forward_flops_per_image": ctx.teacher_flops, "params": params(teacher),
                 "eval_seconds": secs}

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from orchestrator.ids import ModelId, parse_model_id
+from orchestrator.models.ensemble import ENSEMBLE_FORMAT, EnsembleTeacher
 from orchestrator.models.preprocess import Preprocess
 from orchestrator.registry import Registry
 
@@ -205,8 +206,6 @@ def save_model_checkpoint(teacher: Teacher, path: str | Path, classes: list[str]
 
 
 def _blob(teacher: nn.Module, classes: list[str] | None, extra: dict | None) -> dict:
-    from orchestrator.models.ensemble import ENSEMBLE_FORMAT, EnsembleTeacher
-
     if isinstance(teacher, EnsembleTeacher):  # the members' own blobs, so the file stands alone
         return {"format": ENSEMBLE_FORMAT, "names": teacher.names, "classes": classes, "extra": extra or {},
                 "members": [_blob(m, classes, None) for m in teacher.members]}
@@ -220,8 +219,6 @@ def _blob(teacher: nn.Module, classes: list[str] | None, extra: dict | None) -> 
 
 
 def _from_blob(blob: dict, path: Path) -> nn.Module:
-    from orchestrator.models.ensemble import ENSEMBLE_FORMAT, EnsembleTeacher
-
     if blob.get("format") == ENSEMBLE_FORMAT:
         return EnsembleTeacher([_from_blob(b, path) for b in blob["members"]], blob["names"],
                                blob.get("classes")).eval()

@@ -36,6 +36,7 @@ def _train_fn(config: dict, report: Callable[[dict], None] | None = None) -> Non
     from orchestrator.stages.accel import prepare_model
     from orchestrator.stages.evaluate import evaluate
     from orchestrator.stages.schedule import distill_plan
+    from orchestrator.stages.views import open_soft_labels
 
     session = LoopSession(config, report)
     if session.mode == "worker_group":
@@ -49,7 +50,7 @@ def _train_fn(config: dict, report: Callable[[dict], None] | None = None) -> Non
     d, lab, val = _inputs(config["data"])
     online = cfg.teacher_outputs == "online"
     use_feat = cfg.feature_weight > 0
-    data = DistillData(open_images(d), None if online else soft_labels(d, cfg, config["num_classes"]), lab,
+    data = DistillData(open_images(d), None if online else open_soft_labels(d, cfg, config["num_classes"]), lab,
                        online_teacher(resolve_ref(config["teacher_checkpoint"]), device) if online else None,
                        open_array(d, "features.npy") if use_feat and not online else None,
                        open_array(d, "views.npy") if cfg.views else None, max(1, cfg.views))
@@ -92,20 +93,6 @@ def _train_fn(config: dict, report: Callable[[dict], None] | None = None) -> Non
         session.report(metrics, lambda p: save_state(p, model, opt, sched, epoch, log))
         for hook in hooks:  # after the epoch's checkpoint (e.g. a test's fault injection)
             hook(epoch, rank)
-
-
-def soft_labels(entry, cfg, num_classes: int):
-    """The cached soft labels of a teacher-outputs entry: ``logits.npy`` rows ((N, K) or, with views,
-    (N x k, K) float32), or the top-k compressed rows of ``distill.view_topk``
-    (:class:`~orchestrator.stages.views.TopKSoftLabels`)."""
-    from orchestrator.data.shards import open_array
-
-    if cfg.views and cfg.view_topk is not None:
-        from orchestrator.stages.views import TopKSoftLabels
-
-        return TopKSoftLabels(open_array(entry, "soft_topk_classes.npy"), open_array(entry, "soft_topk_logprob.npy"),
-                              num_classes)
-    return open_array(entry, "logits.npy")
 
 
 def ray_ddp(model):

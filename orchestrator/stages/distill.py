@@ -24,6 +24,7 @@ from orchestrator.stages.loop import model_input, prefetched
 from orchestrator.stages.schedule import distill_plan, optimizer_step
 from orchestrator.stages.schedule import make_optimizer as _make_optimizer
 from orchestrator.stages.losses import LOSSES
+from orchestrator.stages.views import render_views
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,6 @@ class DistillData:
         augmented again), else the images augmented as ``augment`` says (:func:`model_input`)."""
         if self.views is None:
             return model_input(batch, slice(None), preprocess, augment, device)
-        from orchestrator.stages.views import render_views
-
         return preprocess.from_unit(render_views(batch, self.views[v], device))
 
 

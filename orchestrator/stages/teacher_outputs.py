@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from orchestrator.stages.accel import autocast, prepare_model, to_device
+from orchestrator.stages.views import render_views, view_rows
 
 
 class TeacherPredictor:
@@ -61,8 +62,6 @@ class TeacherPredictor:
     def __call__(self, batch: dict) -> dict:
         index = np.asarray(batch["index"], np.int64)
         if self.views is not None:
-            from orchestrator.stages.views import render_views, view_rows
-
             params, k = self.views
             rows = view_rows(index, k)
             logits, f = self.view_outputs(render_views(np.asarray(self.images[rows]), params[index]))

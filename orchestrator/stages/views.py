@@ -107,6 +107,18 @@ def expand(classes: np.ndarray, logp: np.ndarray, num_classes: int) -> np.ndarra
     return out
 
 
+def open_soft_labels(entry, cfg, num_classes: int):
+    """The cached soft labels of a teacher-outputs entry (a directory or storage URI; ``cfg`` the
+    :class:`~orchestrator.config.DistillConfig` that made it): ``logits.npy`` rows ((N, K) or, with views,
+    (N x k, K) float32), or the top-k compressed rows of ``view_topk`` (:class:`TopKSoftLabels`)."""
+    from orchestrator.data.shards import open_array
+
+    if cfg.views and cfg.view_topk is not None:
+        return TopKSoftLabels(open_array(entry, "soft_topk_classes.npy"), open_array(entry, "soft_topk_logprob.npy"),
+                              num_classes)
+    return open_array(entry, "logits.npy")
+
+
 class TopKSoftLabels:
     """Read-side view of compressed soft labels: ``labels[v]`` -> (b, C) float32 log-probabilities (:func:`expand`)
     for (b,) int64 view rows. ``classes`` and ``logp`` are (M, k) arrays (memmaps or row readers)."""
